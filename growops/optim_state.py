@@ -1,0 +1,48 @@
+"""What a grown block's optimizer state becomes: ``"copy"``, ``"reset"`` or ``"keep"``.
+
+Growth copies block ``sources[j]``'s weights into block j in place. The optimizer keys its state (Adam
+moments, momentum buffers, step counts) by Parameter, so without a policy block j would keep the state its
+slot held before, which may have belonged to another block (the authors' behaviour, ``"keep"``).
+
+- ``"copy"``: every parameter of block j gets a copy of the matching parameter's state in block sources[j].
+- ``"reset"``: every block that received new weights (sources[j] != j) starts with no state.
+- ``"keep"``: nothing changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import GrowopsError
+
+POLICIES: tuple[str, ...] = ("copy", "reset", "keep")
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise GrowopsError(f"unknown optimizer_state {policy!r}: use one of {', '.join(map(repr, POLICIES))}")
+    return policy
+
+
+def remap_optimizer_state(optimizer: torch.optim.Optimizer, blocks: Sequence[nn.Module], sources: Sequence[int],
+                          policy: str) -> None:
+    """Apply `policy` to `optimizer`'s state after block j took block ``sources[j]``'s weights."""
+    check_policy(policy)
+    if policy == "keep":
+        return
+    changed = [j for j, s in enumerate(sources) if s != j]
+    held = {p for group in optimizer.param_groups for p in group["params"]}
+    params = [[p for _, p in block.named_parameters()] for block in blocks]
+    # Snapshot before writing: a source block may also be a destination.
+    before = {s: [copy.deepcopy(optimizer.state.get(p)) for p in params[s]] for s in {sources[j] for j in changed}}
+    for j in changed:
+        for p, state in zip(params[j], before[sources[j]]):
+            if p not in held:
+                continue
+            optimizer.state.pop(p, None)
+            if policy == "copy" and state:
+                optimizer.state[p] = copy.deepcopy(state)

@@ -1,0 +1,352 @@
+import copy
+import inspect
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import growops
+from growops import GrowopsError, GrowopsTypeError
+from growops.maps import depth_map
+from tests.models import (
+    EncoderDecoder,
+    IndexLoopNet,
+    NoStack,
+    ParallelExperts,
+    SequentialNet,
+    UntraceableIndexNet,
+    gpt_batch,
+    tiny_gpt,
+)
+
+
+def _gpt_loss(model, batch):
+    return model(**batch).loss
+
+
+def _loop_loss(model, x):
+    return model(x).square().mean()
+
+
+def _calls(a):
+    """Record which block (by index) runs, in order."""
+    seen = []
+    for i, b in enumerate(a._runtime.blocks):
+        b.register_forward_hook(lambda m, args, out, i=i: seen.append(i))
+    return seen
+
+
+@pytest.mark.parametrize("make, inputs", [
+    (lambda: tiny_gpt(4), lambda: gpt_batch()),
+    (lambda: IndexLoopNet(4), lambda: (torch.randn(3, 4),)),
+    (lambda: SequentialNet(4), lambda: (torch.randn(3, 4),)),
+])
+def test_one_stage_of_all_blocks_is_the_original_model(make, inputs):
+    model, x = make(), inputs()
+    x_args, x_kwargs = (x, {}) if isinstance(x, tuple) else ((), x)
+    expected = model(*x_args, **x_kwargs)
+    a = growops.apollo(model, stages=(4,), stage_steps=())
+    got = a(*x_args, **x_kwargs)
+    for train in (True, False):
+        a.train(train)
+        got = a(*x_args, **x_kwargs)
+        expected_t = expected.logits if hasattr(expected, "logits") else expected
+        got_t = got.logits if hasattr(got, "logits") else got
+        assert torch.equal(got_t, expected_t)
+    assert a.depth == a.unique_layers == a.layers == 4
+
+
+def test_modes():
+    assert growops.apollo(tiny_gpt(2), stages=(1, 2), stage_steps=(1,)).mode == "container"
+    assert growops.apollo(SequentialNet(2), stages=(1, 2), stage_steps=(1,)).mode == "container"
+    assert growops.apollo(IndexLoopNet(2), stages=(1, 2), stage_steps=(1,)).mode == "graph"
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_gpt(6), lambda: IndexLoopNet(6)])
+def test_train_runs_sampled_depth_and_eval_runs_full_depth(make):
+    a = growops.apollo(make(), stages=(2, 6), stage_steps=(100,), sampler="uniform", seed=3)
+    x = gpt_batch() if isinstance(a.model, nn.Module) and hasattr(a.model, "wte") else torch.randn(2, 4)
+    seen = _calls(a)
+    run = (lambda: a(**x)) if isinstance(x, dict) else (lambda: a(x))
+    for _ in range(5):
+        seen.clear()
+        run()
+        assert seen == list(depth_map(2, a.depth))
+        a.step()
+    a.eval()
+    seen.clear()
+    run()
+    assert seen == list(depth_map(2, 6))
+
+
+@given(st.integers(1, 3), st.data())
+def test_shared_gradient_is_the_sum_of_untied_copies(unique, data):
+    """d loss / d w of a shared block = sum of the gradients its untied copies would get."""
+    torch.manual_seed(0)
+    depth = data.draw(st.integers(unique, 6))
+    model = tiny_gpt(6)
+    untied = copy.deepcopy(model)
+    a = growops.apollo(model, stages=(unique, 6) if unique < 6 else (6,), stage_steps=(10,) if unique < 6 else ())
+    a._runtime.depth = depth
+    batch = gpt_batch()
+    _gpt_loss(a, batch).backward()
+    mapping = depth_map(unique, depth)
+    untied.blocks = nn.ModuleList([copy.deepcopy(model.blocks[m]) for m in mapping])
+    for b in untied.blocks:
+        b.zero_grad()
+    _gpt_loss(untied, batch).backward()
+    for j in range(unique):
+        for (name, p) in model.blocks[j].named_parameters():
+            copies = [dict(untied.blocks[i].named_parameters())[name] for i, m in enumerate(mapping) if m == j]
+            expected = sum(c.grad for c in copies)
+            torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
+    for j in range(unique, 6):  # blocks not yet live get no gradient
+        assert all(p.grad is None for p in model.blocks[j].parameters())
+
+
+@pytest.mark.parametrize("growth", ["interpolate", "stack"])
+def test_growth_by_a_multiple_keeps_the_function(growth):
+    a = growops.apollo(tiny_gpt(12), stages=(2, 4, 12), stage_steps=(1, 2), growth=growth, sampler="full")
+    batch = {"input_ids": gpt_batch()["input_ids"]}
+    # interpolation keeps every depth; stacking keeps depths that are multiples of the new count
+    depths = range(4, 13) if growth == "interpolate" else (4, 8, 12)
+    with torch.no_grad():
+        before = {}
+        for d in depths:
+            a._runtime.depth = d
+            before[d] = a(**batch).logits
+        a.step()  # 2 -> 4 unique blocks
+        for d in depths:
+            a._runtime.depth = d
+            torch.testing.assert_close(a(**batch).logits, before[d], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, x", [(lambda: tiny_gpt(6), None), (lambda: IndexLoopNet(6), "tensor")])
+def test_export_equals_full_depth_with_original_class_and_keys(make, x):
+    model = make()
+    keys = list(model.state_dict())
+    cls = type(model)
+    a = growops.apollo(model, stages=(1, 3, 6), stage_steps=(1, 3))
+    inputs = {"input_ids": gpt_batch()["input_ids"]} if x is None else {"x": torch.randn(2, 4)}
+    for _ in range(2):  # in stage 1: 3 unique blocks
+        a.step()
+    a.eval()
+    exported = a.export()
+    exported.eval()
+    assert type(exported) is cls
+    assert list(exported.state_dict()) == keys
+    out_a, out_e = a(**inputs), exported(**inputs)
+    torch.testing.assert_close(getattr(out_e, "logits", out_e), getattr(out_a, "logits", out_a))
+    # untied: six distinct block objects, parameters not shared with the wrapped model
+    blocks = exported.blocks if x is None else exported.layers
+    assert len({id(b) for b in blocks}) == 6 and type(blocks) is nn.ModuleList
+    ours = {p.data_ptr() for p in a.parameters()}
+    assert not ours & {p.data_ptr() for p in exported.parameters()}
+
+
+def test_export_renumbers_per_layer_values():
+    model = tiny_gpt(4)
+    for i, b in enumerate(model.blocks):
+        b.attn.layer_idx = i
+    a = growops.apollo(model, stages=(1, 4), stage_steps=(5,))
+    assert a.block_stack.per_layer_values == {"attn.layer_idx": (0, 1, 2, 3)}
+    exported = a.export()
+    assert [b.attn.layer_idx for b in exported.blocks] == [0, 1, 2, 3]
+
+
+def test_step_grows_and_samples_deterministically():
+    a = growops.apollo(tiny_gpt(12), stages=(1, 3, 6, 12), stage_steps=(3, 6, 9), seed=7)
+    b = growops.apollo(tiny_gpt(12), stages=(1, 3, 6, 12), stage_steps=(3, 6, 9), seed=7)
+    history = []
+    for _ in range(10):
+        assert a.depth == b.depth
+        history.append((a.step_count, a.stage, a.unique_layers, a.depth))
+        assert a.unique_layers <= a.depth <= 12
+        a.step()
+        b.step()
+    assert [h[1] for h in history] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    assert [h[2] for h in history] == [1, 1, 1, 3, 3, 3, 6, 6, 6, 12]
+
+
+@pytest.mark.parametrize("sampler, expected", [("unique", lambda n: n), ("full", lambda n: 6)])
+def test_fixed_samplers(sampler, expected):
+    a = growops.apollo(tiny_gpt(6), stages=(2, 6), stage_steps=(2,), sampler=sampler)
+    for _ in range(4):
+        assert a.depth == expected(a.unique_layers)
+        a.step()
+
+
+def test_callable_sampler_and_its_checks():
+    calls = []
+
+    def sampler(unique, layers, rng):
+        calls.append((unique, layers))
+        return layers - 1
+
+    a = growops.apollo(tiny_gpt(6), stages=(2, 6), stage_steps=(5,), sampler=sampler)
+    assert a.depth == 5 and calls == [(2, 6)]
+    with pytest.raises(GrowopsError, match=r"returned depth 7 at step 0; it must lie in \[unique=2, L=6\]"):
+        growops.apollo(tiny_gpt(6), stages=(2, 6), stage_steps=(5,), sampler=lambda u, n, rng: 7)
+    with pytest.raises(GrowopsTypeError, match="must return an int"):
+        growops.apollo(tiny_gpt(6), stages=(2, 6), stage_steps=(5,), sampler=lambda u, n, rng: "deep")
+
+
+@pytest.mark.parametrize("policy", ["copy", "reset", "keep"])
+def test_optimizer_state_policy_end_to_end(policy):
+    a = growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(2,), optimizer_state=policy, sampler="full")
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-3)
+    batch = gpt_batch()
+    blocks = list(a._runtime.blocks)
+    snapshot = None
+    for _ in range(3):
+        _gpt_loss(a, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        if a.step_count == 1:  # the next a.step() grows 2 -> 4: sources (0, 0, 1, 1)
+            snapshot = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in a.parameters() if p in opt.state}
+            a.step(opt)
+            break
+        a.step(opt)
+    for j, s in enumerate((0, 0, 1, 1)):
+        for p, src in zip(blocks[j].parameters(), blocks[s].parameters()):
+            state = opt.state.get(p, {})
+            if policy == "copy":
+                assert torch.equal(state["exp_avg"], snapshot[src]["exp_avg"])
+                assert torch.equal(state["step"], snapshot[src]["step"])
+            elif policy == "reset" and j != s:
+                assert not state
+            elif p in snapshot:
+                assert torch.equal(state["exp_avg"], snapshot[p]["exp_avg"])
+
+
+def test_growth_without_optimizer_warns_once():
+    a = growops.apollo(tiny_gpt(4), stages=(1, 2, 4), stage_steps=(1, 2))
+    with pytest.warns(UserWarning, match="without an optimizer"):
+        a.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a.step()
+
+
+def test_non_multiple_interpolation_warns():
+    with pytest.warns(UserWarning, match=r"non-multiple \(2 -> 3\)"):
+        growops.apollo(tiny_gpt(6), stages=(2, 3, 6), stage_steps=(1, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        growops.apollo(tiny_gpt(6), stages=(2, 3, 6), stage_steps=(1, 2), growth="stack")
+
+
+def test_forward_signature_is_the_models():
+    model = tiny_gpt(2)
+    a = growops.apollo(model, stages=(1, 2), stage_steps=(1,))
+    assert inspect.signature(a.forward) == inspect.signature(model.forward)
+    assert type(a.model) is type(model)
+
+
+def test_state_dict_round_trip_and_resume():
+    torch.manual_seed(0)
+    make = lambda: growops.apollo(tiny_gpt(4, seed=1), stages=(1, 2, 4), stage_steps=(2, 4), seed=5)
+    a = make()
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    batch = gpt_batch()
+
+    def train(model, optimizer, n):
+        losses = []
+        for _ in range(n):
+            loss = _gpt_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            model.step(optimizer)
+            losses.append(loss.item())
+        return losses
+
+    train(a, opt, 3)
+    saved = copy.deepcopy({"model": a.state_dict(), "opt": opt.state_dict()})
+    expected = train(a, opt, 3)
+    b = make()
+    b.load_state_dict(saved["model"])
+    assert (b.step_count, b.stage, b.unique_layers, b.depth) == (3, 1, 2, saved["model"]["_extra_state"]["depth"])
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2)
+    opt_b.load_state_dict(saved["opt"])
+    assert train(b, opt_b, 3) == pytest.approx(expected, abs=1e-6)
+
+
+def test_loading_another_schedule_raises_and_changes_nothing():
+    a = growops.apollo(tiny_gpt(4), stages=(1, 2, 4), stage_steps=(2, 4))
+    other = growops.apollo(tiny_gpt(4, seed=3), stages=(2, 4), stage_steps=(2,))
+    other.step()
+    before = copy.deepcopy(a.state_dict())
+    with pytest.raises(GrowopsError, match="another schedule.*stages: saved \\[2, 4\\], here \\[1, 2, 4\\]"):
+        a.load_state_dict(other.state_dict())
+    after = a.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if torch.is_tensor(before[k]))
+    assert before["_extra_state"] == after["_extra_state"]
+    with pytest.raises(GrowopsError, match="no growops schedule"):
+        a.load_state_dict(a.model.state_dict())
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(stages=(1, 3, 5)), GrowopsError, "last stage must hold all L=6"),
+    (dict(stages=(3, 1, 6), stage_steps=(1, 2)), GrowopsError, "strictly increase"),
+    (dict(stages=(1, 6), stage_steps=(1, 2)), GrowopsError, "one step per stage"),
+    (dict(stages=(1, 3, 6), stage_steps=(4, 2)), GrowopsError, "stage_steps must strictly increase"),
+    (dict(sampler="lvsp"), GrowopsError, "unknown sampler"),
+    (dict(growth="grow"), GrowopsError, "unknown growth"),
+    (dict(optimizer_state="zero"), GrowopsError, "unknown optimizer_state"),
+    (dict(seed=-1), GrowopsError, "seed must be a non-negative int"),
+    (dict(stack="head"), GrowopsError, "not a container of identical blocks.*candidates: \\['blocks'\\]"),
+])
+def test_bad_arguments_raise_and_leave_the_model_untouched(kwargs, error, match):
+    model = tiny_gpt(6)
+    before = copy.deepcopy(model.state_dict())
+    args = dict(stages=(1, 3, 6), stage_steps=(1, 2)) | kwargs
+    with pytest.raises(error, match=match):
+        growops.apollo(model, **args)
+    assert type(model.blocks) is nn.ModuleList
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_not_a_module():
+    with pytest.raises(GrowopsTypeError, match="wraps an nn.Module"):
+        growops.apollo("gpt2", stages=(1,), stage_steps=())
+
+
+def test_already_wrapped():
+    a = growops.apollo(tiny_gpt(2), stages=(1, 2), stage_steps=(1,))
+    with pytest.raises(GrowopsError, match="already wrapped"):
+        growops.apollo(a, stages=(1, 2), stage_steps=(1,))
+
+
+def test_no_stack_errors_say_what_was_searched():
+    with pytest.raises(GrowopsError, match="no repeated block stack in NoStack: searched every module"):
+        growops.apollo(NoStack(), stages=(1,), stage_steps=())
+    with pytest.raises(GrowopsError, match="none is called as a chain.*experts.*not a chain"):
+        growops.apollo(ParallelExperts(), stages=(1, 4), stage_steps=(1,))
+
+
+def test_several_stacks_need_a_choice():
+    with pytest.raises(GrowopsError, match="several block stacks: 'encoder' \\(4 blocks\\), 'decoder' \\(2 blocks\\)"):
+        growops.apollo(EncoderDecoder(), stages=(1, 4), stage_steps=(1,))
+    model = EncoderDecoder()
+    x = torch.randn(2, 8)
+    expected = model(x)
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), stack="encoder")
+    assert a.block_stack.path == "encoder"
+    a.eval()
+    a.step()
+    a.model.encoder[2].load_state_dict(a.model.encoder[1].state_dict())  # 2 -> 4 interpolation sources (0,0,1,1)
+    assert a(x).shape == expected.shape
+
+
+def test_untraceable_index_model_explains_the_fix():
+    model = UntraceableIndexNet(4)
+    with pytest.raises(GrowopsError, match="torch.fx.symbolic_trace failed.*example_inputs"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    with pytest.raises(GrowopsError, match="does not iterate layers.*Iterate the container"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,), example_inputs=(torch.randn(2, 4),))
+    assert type(model.layers) is nn.ModuleList

@@ -1,0 +1,107 @@
+import torch
+from torch import nn
+
+from growops.fx import find_block_stacks, per_layer_attributes, repeated_containers, trace_model
+from growops.fx.analysis import analyse, called_blocks
+from tests.models import EncoderDecoder, IndexLoopNet, NoStack, ParallelExperts, SequentialNet, tiny_gpt
+
+
+def _leaves(model):
+    return {model.get_submodule(b) for blocks in repeated_containers(model).values() for b in blocks}
+
+
+def _stacks(model, example_inputs=None):
+    traced = trace_model(model, _leaves(model), example_inputs)
+    return traced, find_block_stacks(traced.graph_module, model)
+
+
+def test_symbolic_trace_finds_gpt_blocks():
+    model = tiny_gpt(4)
+    traced, stacks = _stacks(model)
+    assert traced.kind == "symbolic"
+    assert [s.path for s in stacks] == ["blocks"]
+    assert stacks[0].blocks == tuple(f"blocks.{i}" for i in range(4))
+
+
+def test_export_finds_the_same_stack_when_symbolic_trace_fails():
+    model = tiny_gpt(4)
+    ep = torch.export.export(model, (), model.dummy_inputs, strict=False).module()
+    stacks = find_block_stacks(ep, model)
+    assert [s.blocks for s in stacks] == [tuple(f"blocks.{i}" for i in range(4))]
+    # every compute node of a block is tagged with its index
+    tagged = {n.meta["growops_block"][1] for n in ep.graph.nodes if "growops_block" in n.meta}
+    assert tagged == {0, 1, 2, 3}
+
+
+def test_index_loop_shared_inputs_and_per_layer_constants():
+    model = IndexLoopNet(5)
+    _, stacks = _stacks(model)
+    (stack,) = stacks
+    assert stack.path == "layers" and stack.depth == 5
+    assert len(stack.shared_inputs) == 1  # the sigmoid scale, read by every block
+
+
+def test_sequential_stack():
+    model = SequentialNet(3)
+    _, stacks = _stacks(model)
+    assert [s.path for s in stacks] == ["blocks"]
+
+
+def test_two_stacks_are_both_reported():
+    _, stacks = _stacks(EncoderDecoder())
+    assert sorted(s.path for s in stacks) == ["decoder", "encoder"]
+
+
+def test_parallel_identical_modules_are_not_a_stack():
+    model = ParallelExperts()
+    traced = trace_model(model, _leaves(model))
+    stacks, notes = analyse(traced.graph_module, model)
+    assert stacks == []
+    assert "experts" in notes[0] and "not a chain" in notes[0]
+
+
+def test_no_repeated_container():
+    assert repeated_containers(NoStack()) == {}
+
+
+def test_stacks_nested_in_blocks_are_ignored():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sub = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+        def forward(self, x):
+            for s in self.sub:
+                x = s(x)
+            return x
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Inner() for _ in range(3)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Outer()
+    ep = torch.export.export(model, (torch.randn(2, 4),), strict=False).module()
+    assert [s.path for s in find_block_stacks(ep, model)] == ["layers"]
+
+
+def test_per_layer_attributes():
+    blocks = [nn.Linear(2, 2) for _ in range(3)]
+    for i, b in enumerate(blocks):
+        b.layer_idx, b.kind = i, "same"
+    assert per_layer_attributes(blocks) == {"layer_idx": (0, 1, 2)}
+
+
+def test_called_blocks_ignores_weights_only():
+    model = tiny_gpt(3)
+    ep = torch.export.export(model, (), model.dummy_inputs, strict=False).module()
+    names = tuple(f"blocks.{i}" for i in range(3))
+    assert called_blocks(ep, names) == [0, 1, 2]
+    model.blocks = nn.ModuleList(list(model.blocks)[:1])
+    ep = torch.export.export(model, (), model.dummy_inputs, strict=False).module()
+    assert called_blocks(ep, names) == [0]

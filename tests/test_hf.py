@@ -1,0 +1,94 @@
+"""The contract on Hugging Face models (random init, no downloads): GPT-2, BERT, LLaMA."""
+
+import pytest
+import torch
+
+import growops
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 96
+
+
+def gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=VOCAB,
+                                                                n_positions=64, bos_token_id=0, eos_token_id=0))
+
+
+def bert():
+    return transformers.BertForMaskedLM(transformers.BertConfig(num_hidden_layers=4, hidden_size=32,
+                                                                num_attention_heads=2, intermediate_size=64,
+                                                                vocab_size=VOCAB, max_position_embeddings=64))
+
+
+def llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=4, hidden_size=32,
+                                                                  num_attention_heads=2, num_key_value_heads=2,
+                                                                  intermediate_size=64, vocab_size=VOCAB,
+                                                                  bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+MODELS = {"gpt2": (gpt2, "transformer.h"), "bert": (bert, "bert.encoder.layer"), "llama": (llama, "model.layers")}
+
+
+def _ids(seed=0, shape=(2, 10)):
+    return torch.randint(1, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=sorted(MODELS))
+def hf(request):
+    make, path = MODELS[request.param]
+    torch.manual_seed(0)
+    return request.param, make, path
+
+
+def test_single_stage_is_exact_and_found_by_export(hf):
+    name, make, path = hf
+    model = make().eval()
+    ids = _ids()
+    expected = model(input_ids=ids).logits
+    a = growops.apollo(model, stages=(4,), stage_steps=())
+    assert a.block_stack.path == path and a.mode == "container"
+    assert list(a.block_stack.per_layer_values.values())[0] == (0, 1, 2, 3)  # layer_idx
+    a.eval()
+    assert torch.equal(a(input_ids=ids).logits, expected)
+
+
+def test_trains_through_growth_and_exports(hf):
+    name, make, _ = hf
+    model = make()
+    cls, keys = type(model), list(model.state_dict())
+    a = growops.apollo(model, stages=(1, 2, 4), stage_steps=(2, 4), seed=1)
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-3)
+    ids = _ids()
+    depths = []
+    for _ in range(6):
+        loss = a(input_ids=ids, labels=ids).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        a.step(opt)
+        depths.append(a.depth)
+    assert a.unique_layers == 4 and a.stage == 2
+    exported = a.export().eval()
+    a.eval()
+    assert type(exported) is cls and list(exported.state_dict()) == keys
+    torch.testing.assert_close(exported(input_ids=ids).logits, a(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_with_kv_cache_while_sharing(name):
+    """Positions that share a block get distinct layer_idx, so the KV cache keeps them apart."""
+    torch.manual_seed(0)
+    a = growops.apollo(MODELS[name][0](), stages=(1, 2, 4), stage_steps=(5, 10), optimizer_state="keep").eval()
+    prompt = _ids(shape=(1, 4))
+    kw = dict(max_new_tokens=6, do_sample=False)
+    cached = a.model.generate(prompt, use_cache=True, **kw)
+    uncached = a.model.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    exported = a.export().eval()
+    assert [blk.self_attn.layer_idx if name == "llama" else blk.attn.layer_idx
+            for blk in (exported.model.layers if name == "llama" else exported.transformer.h)] == [0, 1, 2, 3]
+    assert torch.equal(exported.generate(prompt, use_cache=True, **kw), cached)
