@@ -16,7 +16,8 @@ def test_public_api():
 
 def test_errors_are_value_errors():
     assert issubclass(growops.GrowopsError, ValueError)
-    assert issubclass(growops.GrowopsTypeError, TypeError) and issubclass(growops.GrowopsTypeError, growops.GrowopsError)
+    assert issubclass(growops.GrowopsTypeError, TypeError)
+    assert issubclass(growops.GrowopsTypeError, growops.GrowopsError)
 
 
 def test_import_is_lean():
