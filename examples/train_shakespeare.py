@@ -1,113 +1,244 @@
-"""Train the example GPT on Shakespeare from scratch and with Apollo, and compare validation losses.
+"""The main job: how much compute does growing save against training from scratch, on real text?
 
-    python -m examples.train_shakespeare                       # the CPU default (make demo)
-    python -m examples.train_shakespeare --steps 600 --text my_corpus.txt
+    python -m examples.train_shakespeare                      # CPU preset, all arms (make demo)
+    python -m examples.train_shakespeare --preset gpu         # GPT-2-small shape, bf16, one H100
+    python -m examples.train_shakespeare --text my.txt --arms scratch,apollo --steps 600
 
-Both arms start from the same initial weights, see the same batches in the same order, and use the same
-optimizer and learning-rate schedule (warmup, then one cosine over the whole run, as in the paper).
+Every arm starts from the same initial weights, sees the same batches in the same order, and uses the same
+optimizer and one global learning-rate schedule (linear warmup, then cosine), as in the paper. Validation loss
+is measured at full depth every `eval_every` steps on fixed batches. FLOPs are counted with FlopCounterMode per
+(unique blocks, depth) configuration; wall-clock is the training time of each arm in this run (evaluation
+excluded). Results go to runs/<name>/ (table, plots, histories) and the headline to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import platform
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import date
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import growops
+from examples import report
 from examples.data import Batches, encode, fixed_batches, load_text, split
+from examples.flops import StepFlops
 from examples.gpt import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16
+    n_layer: int = 12
+    n_embd: int = 64
+    n_head: int = 4
     block_size: int = 64
+    batch_size: int = 16
+    steps: int = 1000
     lr: float = 2e-3
-    warmup: int = 30  # steps of linear warmup before the cosine
+    min_lr_ratio: float = 0.1  # the cosine ends at this share of the peak
+    warmup: int = 50
     weight_decay: float = 0.1
     eval_every: int = 50
     eval_batches: int = 8  # fixed validation batches, the same for every arm
     stages: tuple[int, ...] = (1, 3, 6, 12)
     stage_fractions: tuple[float, ...] = (0.05, 0.1, 0.25)  # where each later stage begins, as a share of steps
+    optimizer_state: str = "reset"  # the policy of the "apollo" arm
+    bf16: bool = False  # autocast to bfloat16 (GPU preset)
     seed: int = 0
+
+    def stage_steps(self) -> tuple[int, ...]:
+        return tuple(max(i + 1, round(f * self.steps)) for i, f in enumerate(self.stage_fractions))
+
+
+PRESETS = {
+    "cpu": TrainConfig(),
+    # GPT-2-small shape (12 x 768); sized for one run of all arms within 8 minutes on an H100.
+    "gpu": TrainConfig(n_embd=768, n_head=12, block_size=256, batch_size=32, steps=3000, lr=6e-4, warmup=100,
+                       eval_every=150, eval_batches=16, bf16=True),
+}
+
+# Arms: None is training from scratch; otherwise the arguments of growops.apollo (the stages come from the config).
+ARMS: dict[str, dict | None] = {
+    "scratch": None,
+    "apollo": dict(sampler="lvps", growth="interpolate"),
+    "stack": dict(sampler="unique", growth="stack"),  # StackBERT-style progressive stacking
+    "interpolate": dict(sampler="unique", growth="interpolate"),  # progressive interpolation, no sampling
+    "apollo-uniform": dict(sampler="uniform", growth="interpolate"),
+    "apollo-copy": dict(sampler="lvps", growth="interpolate", optimizer_state="copy"),
+    "apollo-reset": dict(sampler="lvps", growth="interpolate", optimizer_state="reset"),
+    "apollo-keep": dict(sampler="lvps", growth="interpolate", optimizer_state="keep"),
+}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then one cosine to 10% of the peak over the whole run."""
+    """Linear warmup, then one cosine from the peak to ``min_lr_ratio`` of it over the whole run."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[dict]) -> float:
+def evaluate(model: torch.nn.Module, batches: list[dict], cfg: TrainConfig, device: torch.device) -> float:
     """Mean validation loss at full depth (an Apollo model in eval mode runs all L positions)."""
     was_training = model.training
     model.eval()
-    loss = sum(model(**b).loss.item() for b in batches) / len(batches)
+    with _autocast(cfg, device):
+        loss = sum(model(**b).loss.float().item() for b in batches) / len(batches)
     model.train(was_training)
     return loss
 
 
-def train(model: torch.nn.Module, cfg: TrainConfig, train_ids: torch.Tensor, val: list[dict], log=print) -> list:
-    """Train `model` (a plain GPT or an Apollo wrapper); returns [(step, seconds, val loss)] every eval_every."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(arm: str, cfg: TrainConfig, init_state: dict, device: torch.device) -> torch.nn.Module:
+    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, block_size=cfg.block_size))
+    model.load_state_dict(init_state)
+    model.to(device)
+    kwargs = ARMS[arm]
+    if kwargs is None:
+        return model
+    kwargs = {"optimizer_state": cfg.optimizer_state, **kwargs}
+    return growops.apollo(model, stages=cfg.stages, stage_steps=cfg.stage_steps(), seed=cfg.seed, **kwargs)
+
+
+def train_arm(arm: str, cfg: TrainConfig, init_state: dict, train_ids: torch.Tensor, val: list[dict],
+              device: torch.device, progress: bool = True) -> list[report.Row]:
+    """Train one arm; returns its history of (step, FLOPs so far, seconds so far, val loss)."""
+    model = build(arm, cfg, init_state, device)
     apollo = model if isinstance(model, growops.Apollo) else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     batches = Batches(train_ids, cfg.batch_size, cfg.block_size, seed=cfg.seed)
-    history, seconds = [], 0.0
+    sample = {k: v.to(device) for k, v in Batches(train_ids, cfg.batch_size, cfg.block_size, seed=-1).next().items()}
+    step_flops = StepFlops(model, sample, torch.bfloat16 if cfg.bf16 else None)
+    history, flops, seconds = [], 0.0, 0.0
     model.train()
-    for step in range(cfg.steps + 1):
+    bar = tqdm(range(cfg.steps + 1), desc=f"{arm:15s}", disable=not progress, leave=True, ncols=100)
+    for step in bar:
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            history.append((step, seconds, evaluate(model, val)))
-            log(f"  step {step:5d}  val {history[-1][2]:.4f}  {seconds:6.1f}s"
-                + (f"  unique {apollo.unique_layers:2d} depth {apollo.depth:2d}" if apollo else ""))
+            history.append((step, flops, seconds, evaluate(model, val, cfg, device)))
+            bar.set_postfix(val=f"{history[-1][3]:.3f}", depth=apollo.depth if apollo else cfg.n_layer)
         if step == cfg.steps:
             break
+        key = (apollo.unique_layers, apollo.depth) if apollo else (cfg.n_layer, cfg.n_layer)
+        flops += step_flops(*key)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batches.next().items()}
+        _sync(device)
         start = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        model(**batches.next()).loss.backward()
+        with _autocast(cfg, device):
+            loss = model(**batch).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if apollo is not None:
             apollo.step(opt)
+        _sync(device)
         seconds += time.perf_counter() - start
     return history
 
 
-def stage_steps(cfg: TrainConfig) -> tuple[int, ...]:
-    return tuple(max(i + 1, round(f * cfg.steps)) for i, f in enumerate(cfg.stage_fractions))
+def run(cfg: TrainConfig, arms: list[str], text: str | None, name: str, out: Path, device: torch.device,
+        progress: bool = True) -> dict:
+    torch.manual_seed(cfg.seed)
+    train_ids, val_ids = split(encode(load_text(text)))
+    val = [{k: v.to(device) for k, v in b.items()}
+           for b in fixed_batches(val_ids, cfg.eval_batches, cfg.batch_size, cfg.block_size, seed=cfg.seed + 1)]
+    init = GPT(GPTConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, block_size=cfg.block_size))
+    init_state = copy.deepcopy(init.state_dict())
+    print(f"data: {len(train_ids):,} train / {len(val_ids):,} val bytes; model: {cfg.n_layer} x {cfg.n_embd}, "
+          f"{init.num_params():,} parameters; {cfg.steps} steps of {cfg.batch_size} x {cfg.block_size} tokens; "
+          f"stages {cfg.stages} from steps {cfg.stage_steps()}; device {describe(device)}")
+    histories = {arm: train_arm(arm, cfg, init_state, train_ids, val, device, progress) for arm in arms}
+    target, rows = report.summary(histories)
+    table = report.markdown_table(target, rows)
+    line = report.headline(target, rows) if "apollo" in histories else f"scratch final val loss {target:.4f}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "histories.json").write_text(json.dumps({"config": asdict(cfg), "device": describe(device),
+                                                    "histories": histories}, indent=1))
+    (out / "results.md").write_text(f"# {name}\n\n{line}\n\n{table}\n\nConfig: `{asdict(cfg)}`\n")
+    report.plot(histories, target, out / "val_loss.png", f"{name}: {cfg.n_layer} x {cfg.n_embd} on {describe(device)}")
+    print(table)
+    return {"headline": line, "table": table, "target": target, "rows": rows, "histories": histories}
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"
+
+
+def append_results(name: str, command: str, device: torch.device, result: dict) -> None:
+    path = ROOT / "benchmarks" / "RESULTS.md"
+    entry = (f"\n### {name}: {date.today().isoformat()}, {describe(device)}\n\n`{command}`\n\n"
+             f"**{result['headline']}**\n\n{result['table']}\n")
+    with path.open("a") as f:
+        f.write(entry)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--text", default=None, help="a UTF-8 text file to train on (default: Shakespeare's plays)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--arms", default=",".join(a for a in ARMS if a != "apollo-reset"),
+                        help="comma-separated arms (scratch is always run first)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per arm (default: the preset's)")
+    parser.add_argument("--text", help="a UTF-8 text file to train on (default: Shakespeare's plays)")
+    parser.add_argument("--name", help="run name: results go to runs/<name>/ (default: the preset)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a TrainConfig field, e.g. --set lr=1e-3 --set stage_fractions=0.1,0.2,0.4")
+    parser.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, eval_every=max(1, args.steps // 6))
-    torch.manual_seed(cfg.seed)
-    train_ids, val_ids = split(encode(load_text(args.text)))
-    val = fixed_batches(val_ids, cfg.eval_batches, cfg.batch_size, cfg.block_size, seed=cfg.seed + 1)
-    init = GPT(GPTConfig(n_layer=cfg.stages[-1], block_size=cfg.block_size))
-    print(f"data: {len(train_ids):,} train / {len(val_ids):,} val bytes; model: {init.num_params():,} parameters")
+    cfg = PRESETS[args.preset]
+    if args.steps:
+        cfg = replace(cfg, steps=args.steps, eval_every=max(1, args.steps // 20))
+    cfg = replace(cfg, **dict(_override(cfg, item) for item in args.set))
+    arms = ["scratch"] + [a for a in args.arms.split(",") if a and a != "scratch"]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    # "apollo" is the default policy's arm; running apollo-<default> as well would repeat it.
+    arms = [a for a in arms if a != f"apollo-{cfg.optimizer_state}" or "apollo" not in arms]
+    device = torch.device("cuda" if torch.cuda.is_available() and args.preset == "gpu" else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    name = args.name or args.preset
+    result = run(cfg, arms, args.text, name, ROOT / "runs" / name, device, progress=not args.quiet)
+    print(result["headline"])
+    if not args.no_results:
+        words = sys.argv[1:] if argv is None else argv
+        append_results(name, " ".join(["python -m examples.train_shakespeare", *words]), device, result)
+    return result
 
-    results = {}
-    print("scratch")
-    results["scratch"] = train(copy.deepcopy(init), cfg, train_ids, val)
-    print(f"apollo  stages {cfg.stages} at steps {stage_steps(cfg)}")
-    a = growops.apollo(copy.deepcopy(init), stages=cfg.stages, stage_steps=stage_steps(cfg), seed=cfg.seed)
-    results["apollo"] = train(a, cfg, train_ids, val)
-    for name, history in results.items():
-        print(f"{name:8s} final val loss {history[-1][2]:.4f} in {history[-1][1]:.1f}s of training")
-    return results
+
+def _override(cfg: TrainConfig, item: str) -> tuple[str, object]:
+    field, _, value = item.partition("=")
+    current = getattr(cfg, field)
+    if isinstance(current, tuple):
+        kind = type(current[0]) if current else float
+        return field, tuple(kind(v) for v in value.split(","))
+    if isinstance(current, bool):
+        return field, value.lower() in ("1", "true", "yes")
+    return field, type(current)(value)
 
 
 if __name__ == "__main__":

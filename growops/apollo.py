@@ -13,6 +13,7 @@ import inspect
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -85,18 +86,23 @@ class Apollo(nn.Module):
         found, traced = _locate_stack(model, stack, example_inputs)
         self._schedule = Schedule.checked(stages, stage_steps, found.depth)
         self._stack = found
+        # Everything that can reject the arguments runs before the model is touched.
+        depth = _draw(self._sampler, self._sampler_name, self._schedule.stages[0], found.depth, seed, 0)
+        if not found.path:
+            raise GrowopsError(f"{type(model).__name__} is itself the block container: wrap it in a module that "
+                               "holds it as an attribute (e.g. self.blocks) and calls it")
         _warn_non_multiples(self._schedule.stages, growth)
 
         self.model = model
         self._swap = None  # (parent, name, original container) when the container was replaced
-        self.__dict__["_graph"] = None  # the rewritten graph when the model indexes its blocks (not a submodule)
+        self._graph = None  # a _GraphRunner when the model indexes its blocks
         self._install(model, found, traced, example_inputs)
         self.forward = _Forward(self, _signature(model))
         self.step_count = 0
         self.stage = 0
         self._runtime.unique = self._schedule.stages[0]
-        self._runtime.depth = self._sample(0)
-        self._warned_no_optimizer = False
+        self._runtime.depth = depth
+        self._warned = set()
 
     # ---------------------------------------------------------------- public state
     @property
@@ -130,7 +136,17 @@ class Apollo(nn.Module):
 
     # ---------------------------------------------------------------- running
     def _run(self, *args, **kwargs):
+        if self.training and "checkpointing" not in self._warned and _checkpointing(self.model):
+            self._warn_checkpointing()
         return (self._graph if self._graph is not None else self.model)(*args, **kwargs)
+
+    def _warn_checkpointing(self) -> None:
+        self._warned.add("checkpointing")
+        others = sorted(k for k in self._runtime.per_layer_values if not k.endswith("layer_idx"))
+        if others:
+            warnings.warn(f"growops: gradient checkpointing recomputes shared blocks with the per-layer values of the "
+                          f"last position that ran them ({', '.join(others)}), so their gradients are approximate; "
+                          "turn checkpointing off while blocks are shared", stacklevel=3)
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Count one optimizer step; grow at a stage boundary (applying the optimizer-state policy to
@@ -147,8 +163,8 @@ class Apollo(nn.Module):
         copy_blocks(self._runtime.blocks, sources)
         if optimizer is not None:
             remap_optimizer_state(optimizer, self._runtime.blocks, sources, self._policy)
-        elif self._policy != "keep" and not self._warned_no_optimizer:
-            self._warned_no_optimizer = True
+        elif self._policy != "keep" and "optimizer" not in self._warned:
+            self._warned.add("optimizer")
             warnings.warn(f"growops: the model grew without an optimizer, so optimizer_state={self._policy!r} was "
                           "not applied; call a.step(optimizer) so grown blocks get the right optimizer state",
                           stacklevel=3)
@@ -156,18 +172,7 @@ class Apollo(nn.Module):
         self.stage += 1
 
     def _sample(self, step: int) -> int:
-        unique, layers = self._runtime.unique, self._runtime.layers
-        depth = self._sampler(unique, layers, step_rng(self._seed, step))
-        if not isinstance(depth, int) or isinstance(depth, bool):
-            try:
-                depth = int(depth)
-            except (TypeError, ValueError):
-                raise GrowopsTypeError(
-                    f"sampler {self._sampler_name} returned {depth!r}; it must return an int") from None
-        if not unique <= depth <= layers:
-            raise GrowopsError(f"sampler {self._sampler_name} returned depth {depth} at step {step}; it must lie in "
-                               f"[unique={unique}, L={layers}]")
-        return depth
+        return _draw(self._sampler, self._sampler_name, self._runtime.unique, self._runtime.layers, self._seed, step)
 
     # ---------------------------------------------------------------- export
     def export(self) -> nn.Module:
@@ -238,12 +243,6 @@ class Apollo(nn.Module):
             raise GrowopsError(f"this state was saved under another schedule or model ({detail}); build apollo with "
                                "the same arguments and model to resume")
 
-    def _apply(self, fn, recurse: bool = True):
-        out = super()._apply(fn, recurse)
-        if self._graph is not None:  # buffers may be new tensors now: rebind the graph to the model's
-            self.__dict__["_graph"] = _graph_over(self.model, self._graph.graph, getattr(self._graph, GATE))
-        return out
-
     # ---------------------------------------------------------------- installation
     def _install(self, model: nn.Module, found: BlockStack, traced: TracedModel, example_inputs: Any) -> None:
         """Container mode where the forward iterates the container, else graph mode; nothing stays half-applied."""
@@ -269,10 +268,11 @@ class Apollo(nn.Module):
                 f"(a {type(original).__name__}), and graph rewriting needs torch.fx.symbolic_trace, which failed "
                 f"({traced.symbolic_error}). Iterate the container in forward (`for block in self.{name}: ...`) "
                 "or make the forward symbolically traceable")
-        gm = insert_depth_gate(traced.graph_module, found, inplace=True)
-        gate = getattr(gm, GATE)
-        gate.runtime.growth = self._growth
-        self.__dict__["_graph"], self._runtime = _graph_over(model, gm.graph, gate), gate.runtime
+        # Code outside the blocks may read self.training (dropout, say): one graph per mode, one shared runtime.
+        graphs = {False: insert_depth_gate(traced.graph_module, found, inplace=True, runtime=runtime)}
+        train_graph = trace_model(model, set(runtime.blocks), training=True).graph_module
+        graphs[True] = insert_depth_gate(train_graph, found, inplace=True, runtime=runtime)
+        self._graph, self._runtime = _GraphRunner(model, graphs), runtime
 
 
 def _locate_stack(model: nn.Module, stack: str | None, example_inputs: Any) -> tuple[BlockStack, TracedModel]:
@@ -314,16 +314,59 @@ def _iterates_container(model, found: BlockStack, runtime: StackRuntime, traced:
     return called_blocks(probe.graph_module, found.blocks) == [0]
 
 
-def _graph_over(model: nn.Module, graph: fx.Graph, gate: nn.Module) -> fx.GraphModule:
-    """A GraphModule running `graph` on `model`'s current submodules, parameters and buffers, plus the gate."""
-    root = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            root[node.target] = gate if node.target == GATE else model.get_submodule(node.target)
-        elif node.op == "get_attr":
-            owner, _, attr = node.target.rpartition(".")
-            root[node.target] = getattr(model.get_submodule(owner), attr)
-    return fx.GraphModule(root, graph, type(model).__name__)
+class _GraphRunner:
+    """Graph mode: the model's forward as FX graphs with the block chain replaced by a gate, one per training mode,
+    run on the model's *current* tensors (``model.to()`` or a reassigned buffer replaces tensors, which a
+    GraphModule would otherwise keep stale copies of)."""
+
+    def __init__(self, model: nn.Module, graphs: dict[bool, fx.GraphModule]):
+        self.model, self.graphs = model, graphs
+        self._bound: dict[bool, tuple[tuple[int, ...], fx.GraphModule]] = {}
+
+    def __call__(self, *args, **kwargs):
+        mode = self.model.training
+        template = self.graphs[mode]
+        attrs = [n.target for n in template.graph.nodes if n.op == "get_attr"]
+        tensors = [_resolve(self.model, t) for t in attrs]
+        ids = tuple(map(id, tensors))
+        bound = self._bound.get(mode)
+        if bound is None or bound[0] != ids:
+            root = dict(zip(attrs, tensors))
+            for node in template.graph.nodes:
+                if node.op == "call_module":
+                    root[node.target] = getattr(template, GATE) if node.target == GATE else \
+                        self.model.get_submodule(node.target)
+            bound = self._bound[mode] = (ids, fx.GraphModule(root, template.graph, type(self.model).__name__))
+        return bound[1](*args, **kwargs)
+
+    def __getstate__(self):
+        return {"model": self.model, "graphs": self.graphs, "_bound": {}}
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a Hugging Face model has activation (gradient) checkpointing on (the name changed in transformers 5)."""
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    if flag is None:
+        flag = getattr(type(model), "is_gradient_checkpointing", None)
+    return bool(flag.__get__(model)) if isinstance(flag, property) else False
+
+
+def _resolve(model: nn.Module, target: str):
+    owner, _, attr = target.rpartition(".")
+    return getattr(model.get_submodule(owner), attr)
+
+
+def _draw(sampler, name: str, unique: int, layers: int, seed: int, step: int) -> int:
+    """The depth of optimizer step `step`, checked: an int in [unique, layers]."""
+    depth = sampler(unique, layers, step_rng(seed, step))
+    if isinstance(depth, float) and depth.is_integer():
+        depth = int(depth)
+    if not isinstance(depth, (int, np.integer)) or isinstance(depth, bool):
+        raise GrowopsTypeError(f"sampler {name} returned {depth!r}; it must return an int")
+    if not unique <= depth <= layers:
+        raise GrowopsError(f"sampler {name} returned depth {depth} at step {step}; it must lie in "
+                           f"[unique={unique}, L={layers}]")
+    return int(depth)
 
 
 def _signature(model: nn.Module) -> inspect.Signature | None:

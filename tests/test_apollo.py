@@ -188,10 +188,14 @@ def test_callable_sampler_and_its_checks():
 
     a = growops.apollo(tiny_gpt(6), stages=(2, 6), stage_steps=(5,), sampler=sampler)
     assert a.depth == 5 and calls == [(2, 6)]
-    with pytest.raises(GrowopsError, match=r"returned depth 7 at step 0; it must lie in \[unique=2, L=6\]"):
-        growops.apollo(tiny_gpt(6), stages=(2, 6), stage_steps=(5,), sampler=lambda u, n, rng: 7)
-    with pytest.raises(GrowopsTypeError, match="must return an int"):
-        growops.apollo(tiny_gpt(6), stages=(2, 6), stage_steps=(5,), sampler=lambda u, n, rng: "deep")
+    assert growops.apollo(tiny_gpt(6), stages=(2, 6), stage_steps=(5,), sampler=lambda u, n, rng: 4.0).depth == 4
+    for bad, error, match in [(7, GrowopsError, r"returned depth 7 at step 0; it must lie in \[unique=2, L=6\]"),
+                              ("deep", GrowopsTypeError, "must return an int"),
+                              (3.9, GrowopsTypeError, "must return an int")]:
+        model = tiny_gpt(6)
+        with pytest.raises(error, match=match):
+            growops.apollo(model, stages=(2, 6), stage_steps=(5,), sampler=lambda u, n, rng, bad=bad: bad)
+        assert type(model.blocks) is nn.ModuleList  # rejected before the model was touched
 
 
 @pytest.mark.parametrize("policy", ["copy", "reset", "keep"])
@@ -333,14 +337,14 @@ def test_several_stacks_need_a_choice():
     with pytest.raises(GrowopsError, match="several block stacks: 'encoder' \\(4 blocks\\), 'decoder' \\(2 blocks\\)"):
         growops.apollo(EncoderDecoder(), stages=(1, 4), stage_steps=(1,))
     model = EncoderDecoder()
-    x = torch.randn(2, 8)
-    expected = model(x)
-    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), stack="encoder")
-    assert a.block_stack.path == "encoder"
-    a.eval()
-    a.step()
-    a.model.encoder[2].load_state_dict(a.model.encoder[1].state_dict())  # 2 -> 4 interpolation sources (0,0,1,1)
-    assert a(x).shape == expected.shape
+    decoder = copy.deepcopy(model.decoder.state_dict())
+    encoder = [copy.deepcopy(layer.state_dict()) for layer in model.encoder]
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), stack="encoder", optimizer_state="keep")
+    assert a.block_stack.path == "encoder" and type(model.decoder) is nn.ModuleList
+    a.step()  # 2 -> 4 by interpolation: sources (0, 0, 1, 1)
+    for layer, source in zip(model.encoder, (0, 0, 1, 1)):
+        assert all(torch.equal(v, encoder[source][k]) for k, v in layer.state_dict().items())
+    assert all(torch.equal(v, decoder[k]) for k, v in model.decoder.state_dict().items())
 
 
 def test_untraceable_index_model_explains_the_fix():
@@ -350,3 +354,122 @@ def test_untraceable_index_model_explains_the_fix():
     with pytest.raises(GrowopsError, match="does not iterate layers.*Iterate the container"):
         growops.apollo(model, stages=(2, 4), stage_steps=(1,), example_inputs=(torch.randn(2, 4),))
     assert type(model.layers) is nn.ModuleList
+
+
+def test_model_that_is_its_own_container():
+    blocks = nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)])
+    with pytest.raises(GrowopsError, match="itself the block container: wrap it"):
+        growops.apollo(blocks, stages=(1, 3), stage_steps=(1,))
+    assert type(blocks) is nn.Sequential
+
+
+class _DropoutLoop(IndexLoopNet):
+    """Index-loop model whose forward reads self.training outside the blocks."""
+
+    def forward(self, x):
+        scale = torch.sigmoid(x.mean())
+        h = torch.nn.functional.dropout(self.inp(x), 0.5, self.training)
+        for i in range(self.n_layer):
+            h = self.layers[i](h, scale, i)[0]
+        return self.out(h)
+
+
+def test_graph_mode_follows_the_training_flag():
+    model = _DropoutLoop(3)
+    reference = copy.deepcopy(model)
+    a = growops.apollo(model, stages=(3,), stage_steps=())
+    assert a.mode == "graph"
+    x = torch.randn(4, 4)
+    for train in (True, False):
+        a.train(train)
+        reference.train(train)
+        torch.manual_seed(0)
+        got = a(x)
+        torch.manual_seed(0)
+        assert torch.equal(got, reference(x)), train
+    a.train()
+    assert not torch.equal(a(x), a(x))  # dropout is live in training
+
+
+def test_graph_mode_sees_moved_and_replaced_tensors():
+    class WithBuffer(IndexLoopNet):
+        def __init__(self):
+            super().__init__(3)
+            self.register_buffer("shift", torch.zeros(8))
+
+        def forward(self, x):
+            scale = torch.sigmoid(x.mean())
+            h = self.inp(x) + self.shift
+            for i in range(self.n_layer):
+                h = self.layers[i](h, scale, i)[0]
+            return self.out(h)
+
+    model = WithBuffer()
+    a = growops.apollo(model, stages=(3,), stage_steps=())
+    assert a.mode == "graph"
+    a.model.double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    assert a(x).dtype == torch.float64
+    model.shift = torch.ones(8, dtype=torch.float64)  # a new tensor object
+    assert torch.equal(a(x), model(x))
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_gpt(4), lambda: IndexLoopNet(4)])
+def test_save_and_load_the_whole_wrapper(make, tmp_path):
+    a = growops.apollo(make(), stages=(2, 4), stage_steps=(2,), optimizer_state="keep")
+    a.step()
+    a.eval()
+    x = {"input_ids": gpt_batch()["input_ids"]} if a.mode == "container" else {"x": torch.randn(2, 4)}
+    torch.save(a, tmp_path / "a.pt")
+    b = torch.load(tmp_path / "a.pt", weights_only=False)
+    out_a, out_b = a(**x), b(**x)
+    assert torch.equal(getattr(out_a, "logits", out_a), getattr(out_b, "logits", out_b))
+    b.step()
+    assert b.unique_layers == 4 and a.unique_layers == 2  # the copy has its own schedule
+
+
+@pytest.mark.filterwarnings("ignore:growops. stages")
+@given(st.integers(2, 6), st.integers(0, 3), st.sampled_from(["interpolate", "stack"]))
+def test_export_equals_full_depth_property(layers, steps, growth):
+    stages = tuple(sorted({1, max(1, layers // 2), layers}))
+    a = growops.apollo(IndexLoopNet(layers), stages=stages, stage_steps=tuple(range(1, len(stages))),
+                       growth=growth, optimizer_state="keep")
+    for _ in range(steps):
+        a.step()
+    a.eval()
+    exported = a.export().eval()
+    x = torch.randn(3, 4)
+    assert type(exported) is IndexLoopNet
+    torch.testing.assert_close(exported(x), a(x))
+
+
+@given(st.integers(2, 6), st.integers(0, 2**16))
+def test_one_stage_equals_the_original_property(layers, seed):
+    torch.manual_seed(seed)
+    model = IndexLoopNet(layers)
+    x = torch.randn(2, 4)
+    expected = model(x)
+    a = growops.apollo(model, stages=(layers,), stage_steps=())
+    assert torch.equal(a(x), expected)
+
+
+@pytest.mark.filterwarnings("ignore:growops. stages")
+@given(st.integers(1, 4), st.data())
+def test_shared_gradient_in_graph_mode(unique, data):
+    depth = data.draw(st.integers(unique, 4))
+    model = IndexLoopNet(4)
+    untied = copy.deepcopy(model)
+    a = growops.apollo(model, stages=(unique, 4) if unique < 4 else (4,), stage_steps=(9,) if unique < 4 else ())
+    a._runtime.depth = depth
+    x = torch.randn(3, 4)
+    a(x).square().mean().backward()
+    mapping = depth_map(unique, depth)
+    untied.layers = nn.ModuleList([copy.deepcopy(model.layers[m]) for m in mapping])
+    untied.n_layer = depth
+    for b in untied.layers:
+        b.zero_grad()
+    untied(x).square().mean().backward()
+    for j in range(unique):
+        for name, p in model.layers[j].named_parameters():
+            copies = [dict(untied.layers[i].named_parameters())[name] for i, m in enumerate(mapping) if m == j]
+            torch.testing.assert_close(p.grad, sum(c.grad for c in copies), rtol=1e-5, atol=1e-6)

@@ -92,3 +92,15 @@ def test_generate_with_kv_cache_while_sharing(name):
     assert [blk.self_attn.layer_idx if name == "llama" else blk.attn.layer_idx
             for blk in (exported.model.layers if name == "llama" else exported.transformer.h)] == [0, 1, 2, 3]
     assert torch.equal(exported.generate(prompt, use_cache=True, **kw), cached)
+
+
+def test_gradient_checkpointing_with_position_dependent_values_warns():
+    config = transformers.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
+                                     scale_attn_by_inverse_layer_idx=True)
+    model = transformers.GPT2LMHeadModel(config)
+    a = growops.apollo(model, stages=(1, 4), stage_steps=(5,))
+    assert "attn.scaling" in a.block_stack.per_layer_values  # scaled by 1 / (layer_idx + 1) at init
+    model.activation_checkpointing_enable()
+    ids = _ids()
+    with pytest.warns(UserWarning, match="gradient checkpointing.*attn.scaling"):
+        a(input_ids=ids, labels=ids)

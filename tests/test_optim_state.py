@@ -81,3 +81,21 @@ def test_unknown_policy():
     model, opt = _trained(2, 2, OPTIMIZERS["sgd"])
     with pytest.raises(GrowopsError, match="unknown optimizer_state 'zero'.*'copy'"):
         remap_optimizer_state(opt, list(model.layers), (0, 0), "zero")
+
+
+def test_a_parameter_tied_across_blocks_keeps_its_state_while_an_unchanged_block_holds_it():
+    torch.manual_seed(0)
+    model = IndexLoopNet(4)
+    gate = torch.nn.Parameter(torch.ones(8))
+    for block in model.layers:
+        block.gate = gate  # one Parameter registered in every block
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    h = model.inp(torch.randn(3, 4))
+    for block in model.layers:
+        h = block(h, 1.0)[0] * block.gate
+    h.square().mean().backward()
+    opt.step()
+    before = _state(opt, gate)
+    remap_optimizer_state(opt, list(model.layers), growth_sources(2, 4), "reset")
+    assert torch.equal(_state(opt, gate)["exp_avg"], before["exp_avg"])  # block 0 is unchanged and holds it
+    assert not opt.state.get(model.layers[2].fc.weight)  # an ordinary changed parameter is reset

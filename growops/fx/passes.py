@@ -18,14 +18,15 @@ from .analysis import BlockStack
 GATE = "growops_gate"
 
 
-def insert_depth_gate(gm: fx.GraphModule, stack: BlockStack, inplace: bool = False) -> fx.GraphModule:
+def insert_depth_gate(gm: fx.GraphModule, stack: BlockStack, inplace: bool = False,
+                      runtime: StackRuntime | None = None) -> fx.GraphModule:
     """Replace the chain of block calls by one call to a ``DepthGate`` (submodule ``growops_gate``).
 
     Invariant: with the gate's runtime at unique = depth = L (as created) the module computes exactly what
     it computed before; setting ``gm.growops_gate.runtime.unique / .depth`` then changes the depth and the
     sharing without retracing. Requires each block to be called once, on the previous block's output (or one
     item of it), with the other arguments shared graph nodes or constants; intermediate outputs may not be
-    used outside the chain.
+    used outside the chain. Pass `runtime` to let several graphs (say, one per training mode) share one.
 
     Before: ``h1 = layers_0(h0, mask); h2 = layers_1(h1, mask); out = head(h2)``
     After:  ``h2 = growops_gate(h0, mask); out = head(h2)``
@@ -36,7 +37,8 @@ def insert_depth_gate(gm: fx.GraphModule, stack: BlockStack, inplace: bool = Fal
     shared_nodes: list[fx.Node] = []
     template = _template(calls, slot_key, out_index, shared_nodes)
 
-    runtime = StackRuntime([gm.get_submodule(b) for b in stack.blocks], stack.per_layer_values)
+    if runtime is None:
+        runtime = StackRuntime([gm.get_submodule(b) for b in stack.blocks], stack.per_layer_values)
     gm.add_submodule(GATE, DepthGate(runtime, template))
     first, last = calls[0], calls[-1]
     with gm.graph.inserting_before(last):

@@ -30,7 +30,8 @@ class TracedModel:
 class _LeafTracer(fx.Tracer):
     """symbolic_trace that keeps the given modules as ``call_module`` leaves, so their insides need not trace."""
 
-    def __init__(self, leaves: set[nn.Module]):
+    def __init__(self, leaves: set[nn.Module] = frozenset()):
+        # The default lets FX rebuild a pickled GraphModule, which constructs its tracer class with no arguments.
         super().__init__()
         self.leaves = leaves
 
@@ -71,19 +72,21 @@ def example_inputs_for(model: nn.Module, example_inputs: Any = None) -> tuple[tu
     return args, kwargs
 
 
-def trace_model(model: nn.Module, leaves: set[nn.Module] = frozenset(), example_inputs: Any = None) -> TracedModel:
-    """Trace `model` in eval mode without gradients; its training flags are restored afterwards.
+def trace_model(model: nn.Module, leaves: set[nn.Module] = frozenset(), example_inputs: Any = None,
+                training: bool = False) -> TracedModel:
+    """Trace `model` without gradients, in eval mode unless `training`; its training flags are restored afterwards.
 
-    Tries symbolic tracing first (no inputs needed), then ``torch.export`` on the example inputs.
-    Raises GrowopsError naming both failures when neither works.
+    Tries symbolic tracing first (no inputs needed), then ``torch.export`` on the example inputs (always in eval
+    mode: the export graph is used for analysis only). Raises GrowopsError naming both failures when neither works.
     """
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    model.train(training)
     try:
         try:
             return TracedModel(symbolic_trace(model, leaves), "symbolic")
         except Exception as e:  # noqa: BLE001 - any tracing failure means: try export
             symbolic_error = _first_line(e)
+        model.eval()
         inputs = example_inputs_for(model, example_inputs)
         if inputs is None:
             raise GrowopsError(

@@ -1,0 +1,97 @@
+"""Where does growing pay? Run the main job's arms over a grid of regimes and compare FLOPs to scratch's loss.
+
+    python benchmarks/regimes.py --grid quick          # a few minutes on 2 cores
+    python benchmarks/regimes.py --grid full --workers 2
+
+Each (regime, arm) trains in its own process with one thread (two at a time on 2 cores); histories are cached in
+runs/regimes/<key>.json, so a grid can be extended without re-running what it already has. Losses and FLOPs do not
+depend on the machine's load; wall-clock here does (arms share the CPU), so this script reports FLOPs only and the
+main job (examples/train_shakespeare.py) measures wall-clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples import report  # noqa: E402
+from examples.train_shakespeare import PRESETS, TrainConfig  # noqa: E402
+
+CACHE = ROOT / "runs" / "regimes"
+APOLLO_ONLY = ("stages", "stage_fractions", "optimizer_state")  # fields that do not change the scratch arm
+
+# regime name -> TrainConfig overrides; every regime runs scratch plus the listed arms.
+GRIDS = {
+    "quick": {
+        "base-1000": dict(steps=1000),
+    },
+    "explore1": {
+        "base-1000": dict(steps=1000),
+        "late-1000": dict(steps=1000, stage_fractions=(0.1, 0.25, 0.5)),
+        "w32-3000": dict(steps=3000, n_embd=32, n_head=2),
+        "w32-3000-late": dict(steps=3000, n_embd=32, n_head=2, stage_fractions=(0.1, 0.3, 0.6)),
+    },
+}
+
+
+def key(cfg: TrainConfig, arm: str) -> str:
+    fields = asdict(cfg)
+    if arm == "scratch":
+        fields = {k: v for k, v in fields.items() if k not in APOLLO_ONLY}
+    blob = json.dumps([arm, fields], sort_keys=True)
+    return f"{arm}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
+
+def run_one(cfg: TrainConfig, arm: str) -> list:
+    import torch
+
+    torch.set_num_threads(1)
+    from examples.data import encode, fixed_batches, load_text, split
+    from examples.gpt import GPT, GPTConfig
+    from examples.train_shakespeare import train_arm
+
+    path = CACHE / f"{key(cfg, arm)}.json"
+    if path.exists():
+        return json.loads(path.read_text())["history"]
+    torch.manual_seed(cfg.seed)
+    train_ids, val_ids = split(encode(load_text()))
+    val = fixed_batches(val_ids, cfg.eval_batches, cfg.batch_size, cfg.block_size, seed=cfg.seed + 1)
+    init = GPT(GPTConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, block_size=cfg.block_size))
+    history = train_arm(arm, cfg, init.state_dict(), train_ids, val, torch.device("cpu"), progress=False)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"arm": arm, "config": asdict(cfg), "history": history}))
+    return history
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", default="quick", choices=sorted(GRIDS))
+    parser.add_argument("--arms", default="apollo,apollo-keep,apollo-copy,stack,interpolate,apollo-uniform")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    arms = ["scratch"] + args.arms.split(",")
+    configs = {name: replace(PRESETS["cpu"], eval_every=max(1, o.get("steps", PRESETS["cpu"].steps) // 40), **o)
+               for name, o in GRIDS[args.grid].items()}
+    jobs = [(name, arm) for name in configs for arm in arms]
+    with ProcessPoolExecutor(args.workers) as pool:
+        futures = {job: pool.submit(run_one, configs[job[0]], job[1]) for job in jobs}
+        histories = {job: f.result() for job, f in futures.items()}
+    print("| regime | arm | final val | target (scratch final) | reached at step | FLOPs saving |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in configs:
+        target, rows = report.summary({arm: histories[(name, arm)] for arm in arms})
+        for r in rows:
+            hit = (f"{r['step']} | {r['flops_saving']:.1f}%" if r["reached"] else "not reached | -")
+            print(f"| {name} | {r['arm']} | {r['final_val']:.4f} | {target:.4f} | {hit} |")
+
+
+if __name__ == "__main__":
+    main()
