@@ -28,7 +28,11 @@ from examples.train_shakespeare import PRESETS, TrainConfig  # noqa: E402
 CACHE = ROOT / "runs" / "regimes"
 APOLLO_ONLY = ("stages", "stage_fractions", "optimizer_state")  # fields that do not change the scratch arm
 
-# regime name -> TrainConfig overrides; every regime runs scratch plus the listed arms.
+W32 = dict(steps=3000, n_embd=32, n_head=2)
+ALL = ("apollo", "apollo-keep", "apollo-copy", "stack", "interpolate", "apollo-uniform")
+MAIN = ("apollo", "interpolate", "stack")
+
+# regime name -> TrainConfig overrides; every regime runs scratch plus its "arms" (default: --arms).
 GRIDS = {
     "quick": {
         "base-1000": dict(steps=1000),
@@ -38,6 +42,27 @@ GRIDS = {
         "late-1000": dict(steps=1000, stage_fractions=(0.1, 0.25, 0.5)),
         "w32-3000": dict(steps=3000, n_embd=32, n_head=2),
         "w32-3000-late": dict(steps=3000, n_embd=32, n_head=2, stage_fractions=(0.1, 0.3, 0.6)),
+    },
+    "explore2": {
+        "w32-3000-lr1e-3": dict(steps=3000, n_embd=32, n_head=2, lr=1e-3, arms=()),
+        "w32-3000-lr4e-3": dict(steps=3000, n_embd=32, n_head=2, lr=4e-3, arms=()),
+        "w32-3000-later": dict(steps=3000, n_embd=32, n_head=2, stage_fractions=(0.2, 0.4, 0.7)),
+        "w32-3000-late-3612": dict(steps=3000, n_embd=32, n_head=2, stages=(3, 6, 12), stage_fractions=(0.3, 0.6)),
+        "w32-3000-late-uniform": dict(steps=3000, n_embd=32, n_head=2, stage_fractions=(0.1, 0.3, 0.6),
+                                      arms=("apollo-uniform", "interpolate")),
+    },
+    # Peak lr 4e-3 (the best of 1e-3, 2e-3, 4e-3 for scratch at w32-3000); highest priority first.
+    "explore3": {
+        "lr4-late": dict(W32, lr=4e-3, stage_fractions=(0.1, 0.3, 0.6), arms=ALL),
+        "lr4-early": dict(W32, lr=4e-3, stage_fractions=(0.05, 0.1, 0.25), arms=ALL),
+        "lr6": dict(W32, lr=6e-3, arms=()),
+        "lr8": dict(W32, lr=8e-3, arms=()),
+        "lr4-later": dict(W32, lr=4e-3, stage_fractions=(0.2, 0.4, 0.7), arms=MAIN),
+        "lr4-3612": dict(W32, lr=4e-3, stages=(3, 6, 12), stage_fractions=(0.3, 0.6), arms=MAIN),
+        "lr4-late-6000": dict(W32, steps=6000, lr=4e-3, stage_fractions=(0.1, 0.3, 0.6), arms=MAIN),
+        "lr4-late-w64-1500": dict(steps=1500, lr=4e-3, stage_fractions=(0.1, 0.3, 0.6), arms=MAIN),
+        "lr4-2612": dict(W32, lr=4e-3, stages=(2, 6, 12), stage_fractions=(0.2, 0.5), arms=MAIN),
+        "lr4-late-seed1": dict(W32, lr=4e-3, stage_fractions=(0.1, 0.3, 0.6), seed=1, arms=MAIN),
     },
 }
 
@@ -78,16 +103,23 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     arms = ["scratch"] + args.arms.split(",")
-    configs = {name: replace(PRESETS["cpu"], eval_every=max(1, o.get("steps", PRESETS["cpu"].steps) // 40), **o)
-               for name, o in GRIDS[args.grid].items()}
-    jobs = [(name, arm) for name in configs for arm in arms]
+    grid = GRIDS[args.grid]
+    configs = {name: replace(PRESETS["cpu"], eval_every=max(1, o.get("steps", PRESETS["cpu"].steps) // 40),
+                             **{k: v for k, v in o.items() if k != "arms"})
+               for name, o in grid.items()}
+    arms_of = {name: ["scratch", *grid[name].get("arms", arms[1:])] for name in grid}
+    jobs = [(name, arm) for name in configs for arm in arms_of[name]]
     with ProcessPoolExecutor(args.workers) as pool:
-        futures = {job: pool.submit(run_one, configs[job[0]], job[1]) for job in jobs}
-        histories = {job: f.result() for job, f in futures.items()}
+        by_key = {}  # regimes that share a scratch run submit it once
+        for name, arm in jobs:
+            k = key(configs[name], arm)
+            if k not in by_key:
+                by_key[k] = pool.submit(run_one, configs[name], arm)
+        histories = {job: by_key[key(configs[job[0]], job[1])].result() for job in jobs}
     print("| regime | arm | final val | target (scratch final) | reached at step | FLOPs saving |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in configs:
-        target, rows = report.summary({arm: histories[(name, arm)] for arm in arms})
+        target, rows = report.summary({arm: histories[(name, arm)] for arm in arms_of[name]})
         for r in rows:
             hit = (f"{r['step']} | {r['flops_saving']:.1f}%" if r["reached"] else "not reached | -")
             print(f"| {name} | {r['arm']} | {r['final_val']:.4f} | {target:.4f} | {hit} |")

@@ -60,10 +60,11 @@ def headline(target: float, rows: list[dict], main: str = "apollo", other: str =
         return f"{r['flops_saving']:.1f}% fewer FLOPs" if r["reached"] else "did not reach it"
 
     m = by[main]
-    head = (f"{main}: {m['flops_saving']:.1f}% fewer FLOPs, {m['time_saving']:.1f}% less wall-clock than scratch"
-            if m["reached"] else f"{main}: did not reach scratch's loss (final {m['final_val']:.4f})")
     tail = f" ({other}: {part(by[other])})" if other in by else ""
-    return f"{head} to reach val loss {target:.4f}{tail}"
+    if m["reached"]:
+        return (f"{main}: {m['flops_saving']:.1f}% fewer FLOPs, {m['time_saving']:.1f}% less wall-clock than scratch "
+                f"to reach val loss {target:.4f}{tail}")
+    return f"{main}: did not reach scratch's val loss {target:.4f} (ended at {m['final_val']:.4f}){tail}"
 
 
 def plot(histories: dict[str, list[Row]], target: float, path: Path, title: str) -> None:

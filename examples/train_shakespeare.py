@@ -64,7 +64,7 @@ PRESETS = {
     "cpu": TrainConfig(),
     # GPT-2-small shape (12 x 768); sized for one run of all arms within 8 minutes on an H100.
     "gpu": TrainConfig(n_embd=768, n_head=12, block_size=256, batch_size=32, steps=3000, lr=6e-4, warmup=100,
-                       eval_every=150, eval_batches=16, bf16=True),
+                       eval_every=150, eval_batches=16, stage_fractions=(0.1, 0.3, 0.6), bf16=True),
 }
 
 # Arms: None is training from scratch; otherwise the arguments of growops.apollo (the stages come from the config).
