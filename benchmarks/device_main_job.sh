@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), torch.get_num_threads())"
 (timeout "${GRID_SECONDS:-450}" python3 benchmarks/regimes.py --grid "${GRID:-explore3}" \
     --workers "${WORKERS:-10}" > "$OUT/regimes.log" 2>&1) &
-timeout "${GPU_SECONDS:-480}" python3 -m examples.train_shakespeare --preset gpu --quiet --name gpu 2>&1 \
+timeout "${GPU_SECONDS:-480}" python3 -m examples.train_shakespeare --preset gpu --quiet --name gpu ${GPU_ARGS:-} 2>&1 \
     | tee "$OUT/gpu.log"
 wait
 cp runs/gpu/results.md runs/gpu/val_loss.png runs/gpu/histories.json "$OUT/" 2>/dev/null

@@ -23,11 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples import report  # noqa: E402
-from examples.train_shakespeare import PRESETS, TrainConfig  # noqa: E402
+from examples.train_shakespeare import TrainConfig  # noqa: E402
 
 CACHE = ROOT / "runs" / "regimes"
 APOLLO_ONLY = ("stages", "stage_fractions", "optimizer_state")  # fields that do not change the scratch arm
 
+# The grid's own base (the first CPU preset), spelled out so that changing the preset keeps cached runs valid.
+BASE = TrainConfig(n_layer=12, n_embd=64, n_head=4, block_size=64, batch_size=16, steps=1000, lr=2e-3, min_lr_ratio=0.1,
+                   warmup=50, weight_decay=0.1, eval_every=50, eval_batches=8, stages=(1, 3, 6, 12),
+                   stage_fractions=(0.05, 0.1, 0.25), optimizer_state="reset", bf16=False, seed=0,
+                   fused_adamw=False)
 W32 = dict(steps=3000, n_embd=32, n_head=2)
 ALL = ("apollo", "apollo-keep", "apollo-copy", "stack", "interpolate", "apollo-uniform")
 MAIN = ("apollo", "interpolate", "stack")
@@ -64,11 +69,27 @@ GRIDS = {
         "lr4-2612": dict(W32, lr=4e-3, stages=(2, 6, 12), stage_fractions=(0.2, 0.5), arms=MAIN),
         "lr4-late-seed1": dict(W32, lr=4e-3, stage_fractions=(0.1, 0.3, 0.6), seed=1, arms=MAIN),
     },
+    "lr-sweep": {f"lr{lr:g}": dict(W32, lr=lr, arms=()) for lr in (1.2e-2, 1.6e-2, 2.4e-2)},
+    # At scratch's best peak lr (1.6e-2 of 1e-3 ... 2.4e-2).
+    "lr16": {
+        "lr16-late": dict(W32, lr=1.6e-2, stage_fractions=(0.1, 0.3, 0.6), arms=ALL),
+        "lr16-later": dict(W32, lr=1.6e-2, stage_fractions=(0.2, 0.4, 0.7), arms=MAIN),
+        "lr16-early": dict(W32, lr=1.6e-2, stage_fractions=(0.05, 0.1, 0.25), arms=MAIN),
+    },
+    # Each growing arm at its own peak lr (tuning the schedule is fair); scratch stays at its best, 1.6e-2.
+    "arm-lr": {
+        "lr8-early": dict(W32, lr=8e-3, stage_fractions=(0.05, 0.1, 0.25), arms=MAIN, scratch=dict(lr=1.6e-2)),
+        "lr12-early": dict(W32, lr=1.2e-2, stage_fractions=(0.05, 0.1, 0.25), arms=("apollo",),
+                           scratch=dict(lr=1.6e-2)),
+        "lr4-early": dict(W32, lr=4e-3, stage_fractions=(0.05, 0.1, 0.25), arms=MAIN, scratch=dict(lr=1.6e-2)),
+    },
 }
 
 
 def key(cfg: TrainConfig, arm: str) -> str:
     fields = asdict(cfg)
+    if not fields["fused_adamw"]:
+        del fields["fused_adamw"]  # runs from before the field existed used the for-loop AdamW: keep their keys
     if arm == "scratch":
         fields = {k: v for k, v in fields.items() if k not in APOLLO_ONLY}
     blob = json.dumps([arm, fields], sort_keys=True)
@@ -104,22 +125,22 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     arms = ["scratch"] + args.arms.split(",")
     grid = GRIDS[args.grid]
-    configs = {name: replace(PRESETS["cpu"], eval_every=max(1, o.get("steps", PRESETS["cpu"].steps) // 40),
-                             **{k: v for k, v in o.items() if k != "arms"})
-               for name, o in grid.items()}
-    arms_of = {name: ["scratch", *grid[name].get("arms", arms[1:])] for name in grid}
-    jobs = [(name, arm) for name in configs for arm in arms_of[name]]
+    configs = {}  # (regime, arm) -> TrainConfig; "scratch" may differ (e.g. kept at its best lr)
+    for name, o in grid.items():
+        cfg = replace(BASE, eval_every=max(1, o.get("steps", BASE.steps) // 40),
+                      **{k: v for k, v in o.items() if k not in ("arms", "scratch")})
+        for arm in ["scratch", *o.get("arms", arms[1:])]:
+            configs[(name, arm)] = replace(cfg, **o.get("scratch", {})) if arm == "scratch" else cfg
     with ProcessPoolExecutor(args.workers) as pool:
         by_key = {}  # regimes that share a scratch run submit it once
-        for name, arm in jobs:
-            k = key(configs[name], arm)
-            if k not in by_key:
-                by_key[k] = pool.submit(run_one, configs[name], arm)
-        histories = {job: by_key[key(configs[job[0]], job[1])].result() for job in jobs}
+        for (_, arm), cfg in configs.items():
+            if key(cfg, arm) not in by_key:
+                by_key[key(cfg, arm)] = pool.submit(run_one, cfg, arm)
+        histories = {job: by_key[key(cfg, job[1])].result() for job, cfg in configs.items()}
     print("| regime | arm | final val | target (scratch final) | reached at step | FLOPs saving |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name in configs:
-        target, rows = report.summary({arm: histories[(name, arm)] for arm in arms_of[name]})
+    for name in grid:
+        target, rows = report.summary({arm: h for (n, arm), h in histories.items() if n == name})
         for r in rows:
             hit = (f"{r['step']} | {r['flops_saving']:.1f}%" if r["reached"] else "not reached | -")
             print(f"| {name} | {r['arm']} | {r['final_val']:.4f} | {target:.4f} | {hit} |")

@@ -136,7 +136,9 @@ class Apollo(nn.Module):
 
     # ---------------------------------------------------------------- running
     def _run(self, *args, **kwargs):
-        if self.training and "checkpointing" not in self._warned and _checkpointing(self.model):
+        # Under torch.compile this check is folded away, so it adds no guard on Python state.
+        if not torch.compiler.is_compiling() and self.training and "checkpointing" not in self._warned \
+                and _checkpointing(self.model):
             self._warn_checkpointing()
         return (self._graph if self._graph is not None else self.model)(*args, **kwargs)
 

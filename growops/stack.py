@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .maps import depth_map
@@ -51,9 +52,16 @@ class StackRuntime:
         """Yield the block of each selected position, each given that position's per-layer values first."""
         mapping = self.mapping()
         for position in range(len(mapping))[selection]:
-            block = self.blocks[mapping[position]]
-            self.place(block, position)
-            yield block
+            yield self._block_at(mapping, position)
+
+    @torch.compiler.disable
+    def _block_at(self, mapping: tuple[int, ...], position: int) -> nn.Module:
+        """The block for `position`, placed. Opaque to torch.compile on purpose: a graph break inside the model's
+        block loop makes dynamo run that loop eagerly and compile each block call as its own frame (regional
+        compilation), so the depth and the sharing never enter a graph and never trigger a recompile."""
+        block = self.blocks[mapping[position]]
+        self.place(block, position)
+        return block
 
     def place(self, block: nn.Module, position: int) -> None:
         """Give `block` the per-layer values of original layer `position`."""
