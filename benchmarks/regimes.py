@@ -70,6 +70,9 @@ GRIDS = {
         "lr4-late-seed1": dict(W32, lr=4e-3, stage_fractions=(0.1, 0.3, 0.6), seed=1, arms=MAIN),
     },
     "lr-sweep": {f"lr{lr:g}": dict(W32, lr=lr, arms=()) for lr in (1.2e-2, 1.6e-2, 2.4e-2)},
+    # The final CPU preset's length (1500 steps, fused AdamW): scratch's lr again.
+    "lr-sweep-1500": {f"lr{lr:g}": dict(W32, steps=1500, fused_adamw=True, lr=lr, arms=())
+                      for lr in (8e-3, 1.2e-2, 1.6e-2, 2.4e-2)},
     # At scratch's best peak lr (1.6e-2 of 1e-3 ... 2.4e-2).
     "lr16": {
         "lr16-late": dict(W32, lr=1.6e-2, stage_fractions=(0.1, 0.3, 0.6), arms=ALL),
