@@ -50,16 +50,19 @@ class StackRuntime:
 
     def positions(self, selection: slice = slice(None)) -> Iterator[nn.Module]:
         """Yield the block of each selected position, each given that position's per-layer values first."""
-        mapping = self.mapping()
-        for position in range(len(mapping))[selection]:
-            yield self._block_at(mapping, position)
+        for position in self._selected(selection):
+            yield self._block_at(position)
+
+    # Both helpers are opaque to torch.compile on purpose: a graph break inside the model's block loop makes dynamo
+    # run that loop eagerly and compile each block call as its own frame (regional compilation), so the depth and
+    # the sharing never enter a graph and never trigger a recompile.
+    @torch.compiler.disable
+    def _selected(self, selection: slice) -> range:
+        return range(len(self.mapping()))[selection]
 
     @torch.compiler.disable
-    def _block_at(self, mapping: tuple[int, ...], position: int) -> nn.Module:
-        """The block for `position`, placed. Opaque to torch.compile on purpose: a graph break inside the model's
-        block loop makes dynamo run that loop eagerly and compile each block call as its own frame (regional
-        compilation), so the depth and the sharing never enter a graph and never trigger a recompile."""
-        block = self.blocks[mapping[position]]
+    def _block_at(self, position: int) -> nn.Module:
+        block = self.blocks[self.mapping()[position]]
         self.place(block, position)
         return block
 
@@ -81,7 +84,7 @@ class _PositionView:
         return self.runtime.positions(self.selection)
 
     def __len__(self) -> int:
-        return len(range(len(self.runtime.mapping()))[self.selection])
+        return len(self.runtime._selected(self.selection))
 
 
 class _SharedStack:
