@@ -10,6 +10,7 @@
 """
 
 from .apollo import Apollo, apollo
+from .checkpoint import load_safetensors, save_safetensors
 from .errors import GrowopsError, GrowopsTypeError
 from .fx import BlockStack, find_block_stacks, insert_depth_gate, tie_blocks, trace_model
 from .growth import expand_blocks
@@ -18,5 +19,5 @@ from .optim_state import remap_optimizer_state
 from .schedule import lvps_depth
 
 __all__ = ["Apollo", "BlockStack", "GrowopsError", "GrowopsTypeError", "apollo", "depth_map", "expand_blocks",
-           "find_block_stacks", "growth_sources", "insert_depth_gate", "lvps_depth", "remap_optimizer_state",
-           "tie_blocks", "trace_model"]
+           "find_block_stacks", "growth_sources", "insert_depth_gate", "load_safetensors", "lvps_depth",
+           "remap_optimizer_state", "save_safetensors", "tie_blocks", "trace_model"]

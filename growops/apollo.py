@@ -28,11 +28,12 @@ from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
 from .stack import StackRuntime, shared_container
 
 STATE_VERSION = 1
+RESAMPLE: tuple[str, ...] = ("step", "micro_batch")
 
 
 def apollo(model: nn.Module, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 10000), sampler: SamplerSpec = "lvps",
            growth: str = "interpolate", optimizer_state: str = "reset", seed: int = 0, stack: str | None = None,
-           example_inputs: Any = None) -> Apollo:
+           example_inputs: Any = None, resample: str = "step") -> Apollo:
     """Wrap `model` for Apollo progressive training.
 
     stages: unique blocks per stage, strictly increasing, the last equal to the model's L blocks.
@@ -44,8 +45,11 @@ def apollo(model: nn.Module, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 1000
     stack: the block container's module path, when the model holds several stacks.
     example_inputs: inputs for ``torch.export`` when the model does not symbolically trace; defaults to the
         model's ``dummy_inputs`` (Hugging Face convention).
+    resample: ``"step"`` (one depth per optimizer step, so every micro-batch of a gradient-accumulation step runs
+        the same depth) or ``"micro_batch"`` (the authors' code: each training forward draws its own depth, from
+        ``(seed, step, k)`` for the k-th forward of the step).
     """
-    return Apollo(model, stages, stage_steps, sampler, growth, optimizer_state, seed, stack, example_inputs)
+    return Apollo(model, stages, stage_steps, sampler, growth, optimizer_state, seed, stack, example_inputs, resample)
 
 
 class _Forward:
@@ -70,7 +74,7 @@ class Apollo(nn.Module):
 
     def __init__(self, model: nn.Module, stages, stage_steps, sampler: SamplerSpec = "lvps",
                  growth: str = "interpolate", optimizer_state: str = "reset", seed: int = 0,
-                 stack: str | None = None, example_inputs: Any = None):
+                 stack: str | None = None, example_inputs: Any = None, resample: str = "step"):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise GrowopsTypeError(f"apollo wraps an nn.Module, got {type(model).__name__}")
@@ -82,6 +86,9 @@ class Apollo(nn.Module):
         self._policy = check_policy(optimizer_state)
         self._sampler_name, self._sampler = resolve_sampler(sampler)
         self._seed = seed
+        if resample not in RESAMPLE:
+            raise GrowopsError(f"unknown resample {resample!r}: use one of {', '.join(map(repr, RESAMPLE))}")
+        self._resample = resample
 
         found, traced = _locate_stack(model, stack, example_inputs)
         self._schedule = Schedule.checked(stages, stage_steps, found.depth)
@@ -102,6 +109,7 @@ class Apollo(nn.Module):
         self.stage = 0
         self._runtime.unique = self._schedule.stages[0]
         self._runtime.depth = depth
+        self._micro_batch = 0  # training forwards since the last step(), for resample="micro_batch"
         self._warned = set()
 
     # ---------------------------------------------------------------- public state
@@ -140,7 +148,17 @@ class Apollo(nn.Module):
         if not torch.compiler.is_compiling() and self.training and "checkpointing" not in self._warned \
                 and _checkpointing(self.model):
             self._warn_checkpointing()
+        if self._resample == "micro_batch" and self.training:
+            self._next_micro_batch()
         return (self._graph if self._graph is not None else self.model)(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _next_micro_batch(self) -> None:
+        """resample="micro_batch": the k-th training forward of a step runs a depth drawn from (seed, step, k)."""
+        if self._micro_batch:
+            self._runtime.depth = _draw(self._sampler, self._sampler_name, self._runtime.unique,
+                                        self._runtime.layers, self._seed, self.step_count, self._micro_batch)
+        self._micro_batch += 1
 
     def _warn_checkpointing(self) -> None:
         self._warned.add("checkpointing")
@@ -158,6 +176,18 @@ class Apollo(nn.Module):
         while self.stage < target:
             self._grow(optimizer)
         self._runtime.depth = self._sample(self.step_count)
+        self._micro_batch = 0
+
+    def restore_step(self, step: int) -> None:
+        """Put the schedule at optimizer step `step` (stage, unique blocks, depth) without touching weights or
+        optimizer state: for weights restored from a checkpoint of that step by other means (a Trainer checkpoint,
+        say). Prefer ``load_state_dict``, which checks that the state belongs to this schedule."""
+        if not isinstance(step, int) or step < 0:
+            raise GrowopsError(f"restore_step needs a non-negative int step, got {step!r}")
+        self.step_count, self.stage = step, self._schedule.stage_at(step)
+        self._runtime.unique = self._schedule.stages[self.stage]
+        self._runtime.depth = self._sample(step)
+        self._micro_batch = 0
 
     def _grow(self, optimizer: torch.optim.Optimizer | None) -> None:
         n_old, n_new = self._runtime.unique, self._schedule.stages[self.stage + 1]
@@ -209,6 +239,7 @@ class Apollo(nn.Module):
         self._check_state(state)
         self.step_count, self.stage = int(state["step"]), int(state["stage"])
         self._runtime.unique, self._runtime.depth = int(state["unique"]), int(state["depth"])
+        self._micro_batch = 0
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights and the schedule position; a state from another schedule or model raises a
@@ -233,7 +264,7 @@ class Apollo(nn.Module):
     def _fingerprint(self) -> dict:
         return {"stages": list(self._schedule.stages), "stage_steps": list(self._schedule.stage_steps),
                 "layers": self._runtime.layers, "growth": self._growth, "sampler": self._sampler_name,
-                "seed": self._seed, "stack": self._stack.path}
+                "seed": self._seed, "stack": self._stack.path, "resample": self._resample}
 
     def _check_state(self, state) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -358,9 +389,9 @@ def _resolve(model: nn.Module, target: str):
     return getattr(model.get_submodule(owner), attr)
 
 
-def _draw(sampler, name: str, unique: int, layers: int, seed: int, step: int) -> int:
-    """The depth of optimizer step `step`, checked: an int in [unique, layers]."""
-    depth = sampler(unique, layers, step_rng(seed, step))
+def _draw(sampler, name: str, unique: int, layers: int, seed: int, step: int, micro_batch: int = 0) -> int:
+    """The depth of optimizer step `step` (and micro-batch), checked: an int in [unique, layers]."""
+    depth = sampler(unique, layers, step_rng(seed, step, micro_batch))
     if isinstance(depth, float) and depth.is_integer():
         depth = int(depth)
     if not isinstance(depth, (int, np.integer)) or isinstance(depth, bool):

@@ -73,9 +73,10 @@ def resolve_sampler(sampler: SamplerSpec) -> tuple[str, Sampler]:
         f"sampler must be a name or a callable (unique, L, rng) -> depth, got {type(sampler).__name__}")
 
 
-def step_rng(seed: int, step: int) -> np.random.Generator:
-    """The generator for one optimizer step: a pure function of (seed, step), no global state."""
-    return np.random.default_rng([seed, step])
+def step_rng(seed: int, step: int, micro_batch: int = 0) -> np.random.Generator:
+    """The generator for one optimizer step (and micro-batch, when each draws its own depth): a pure function of
+    (seed, step, micro_batch), no global state. Micro-batch 0 uses the step's own generator."""
+    return np.random.default_rng([seed, step] if micro_batch == 0 else [seed, step, micro_batch])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,48 @@
+"""Hugging Face Trainer: a callback that moves the apollo schedule once per optimizer step.
+
+    a = growops.apollo(model, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 10000))
+    trainer = Trainer(model=a.model, args=args, train_dataset=ds, callbacks=[ApolloCallback(a)])
+    trainer.train()
+
+The Trainer trains your own model object (growops replaced its block container in place, so ``a.model`` runs the
+sampled depth); the callback calls ``a.step(optimizer)`` after each optimizer step (after all gradient
+accumulation micro-batches), puts the schedule back at the checkpoint's step when the Trainer resumes, and adds
+``growops/stage``, ``growops/unique_layers`` and ``growops/depth`` to the logs.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from ..apollo import Apollo
+from ..errors import GrowopsError
+
+
+class ApolloCallback(TrainerCallback):
+    """Drives an apollo schedule from a Hugging Face Trainer (see the module docstring)."""
+
+    def __init__(self, apollo: Apollo):
+        if not isinstance(apollo, Apollo):
+            raise GrowopsError(f"ApolloCallback needs the growops.apollo wrapper, got {type(apollo).__name__}")
+        if apollo.mode != "container":
+            raise GrowopsError("ApolloCallback needs a model whose forward iterates its block container (every "
+                               "Hugging Face model does): this one runs through a rewritten graph, train it as "
+                               "`a` in your own loop instead")
+        self.apollo = apollo
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Resuming from a Trainer checkpoint restores weights and optimizer state but not the schedule.
+        if state.global_step != self.apollo.step_count:
+            self.apollo.restore_step(state.global_step)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        # Accelerate wraps the optimizer; its state lives on the inner one.
+        self.apollo.step(getattr(optimizer, "optimizer", optimizer))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        values = {"growops/stage": self.apollo.stage, "growops/unique_layers": self.apollo.unique_layers,
+                  "growops/depth": self.apollo.depth}
+        if logs is not None:
+            logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)

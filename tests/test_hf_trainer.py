@@ -1,0 +1,69 @@
+"""Hugging Face Trainer drives the schedule through ApolloCallback, resumes it from its own checkpoints."""
+
+import pytest
+import torch
+
+import growops
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from growops.integrations.hf import ApolloCallback  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+CONFIG = dict(n_layer=4, n_embd=32, n_head=2, vocab_size=96, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+              attn_pdrop=0.0)
+
+
+def _apollo():
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+    return growops.apollo(model, stages=(1, 2, 4), stage_steps=(2, 4), seed=1)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(32):
+        ids = torch.randint(0, 96, (12,), generator=g)
+        rows.append({"input_ids": ids, "labels": ids})
+    return rows
+
+
+def _trainer(a, out, **kwargs):
+    args = transformers.TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=2,
+                                          gradient_accumulation_steps=2, logging_steps=1, report_to=[], use_cpu=True,
+                                          learning_rate=1e-3, seed=0, **kwargs)
+    return transformers.Trainer(model=a.model, args=args, train_dataset=_data(), callbacks=[ApolloCallback(a)])
+
+
+def test_trainer_steps_the_schedule_once_per_optimizer_step(tmp_path):
+    a = _apollo()
+    trainer = _trainer(a, tmp_path, save_strategy="no")
+    trainer.train()
+    assert (a.step_count, a.stage, a.unique_layers) == (6, 2, 4)  # 6 optimizer steps of 2 micro-batches each
+    logged = [(h["step"], h["growops/stage"]) for h in trainer.state.log_history if "loss" in h]
+    assert logged == [(1, 0), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
+
+
+def test_trainer_resume_restores_the_schedule(tmp_path):
+    a = _apollo()
+    _trainer(a, tmp_path / "full", save_strategy="steps", save_steps=3).train()
+    b = _apollo()
+    seen = []
+
+    class Record(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append((b.step_count, b.stage, b.unique_layers))
+
+    trainer = _trainer(b, tmp_path / "resumed", save_strategy="no")
+    trainer.add_callback(Record())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert seen == [(3, 1, 2)]
+    assert (b.step_count, b.stage, b.unique_layers, b.depth) == (a.step_count, a.stage, a.unique_layers, a.depth)
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_callback_rejects_what_it_cannot_drive():
+    with pytest.raises(growops.GrowopsError, match="needs the growops.apollo wrapper"):
+        ApolloCallback(transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG)))

@@ -1,0 +1,155 @@
+"""Training state you can trust: resume mid-schedule, safetensors, gradient accumulation, bad states."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import growops
+from growops import GrowopsError
+from tests.models import IndexLoopNet, gpt_batch, tiny_gpt
+
+OPTIMIZERS = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-1, momentum=0.9),
+}
+
+
+def _gpt():
+    return growops.apollo(tiny_gpt(4, seed=1), stages=(1, 2, 4), stage_steps=(3, 6), seed=5)
+
+
+def _loop():
+    torch.manual_seed(2)
+    return growops.apollo(IndexLoopNet(4), stages=(1, 2, 4), stage_steps=(3, 6), seed=5)
+
+
+def _losses(a, opt, n, step_batch):
+    out = []
+    for _ in range(n):
+        loss = step_batch(a, a.step_count)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        a.step(opt)
+        out.append(loss.item())
+    return out
+
+
+def _gpt_loss(a, step):
+    return a(**gpt_batch(seed=step)).loss
+
+
+def _loop_loss(a, step):
+    return a(torch.randn(3, 4, generator=torch.Generator().manual_seed(step))).square().mean()
+
+
+@pytest.mark.parametrize("make, loss_fn", [(_gpt, _gpt_loss), (_loop, _loop_loss)], ids=["container", "graph"])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_resume_continues_identically_across_the_next_growth(make, loss_fn, optimizer):
+    a = make()
+    opt = OPTIMIZERS[optimizer](a.parameters())
+    _losses(a, opt, 4, loss_fn)  # past the first growth (step 3), before the second (step 6)
+    buffer = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": opt.state_dict()}, buffer)
+    expected = _losses(a, opt, 5, loss_fn)  # crosses the growth at step 6
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    b = make()
+    b.load_state_dict(saved["model"])
+    assert (b.step_count, b.stage, b.unique_layers) == (4, 1, 2)
+    opt_b = OPTIMIZERS[optimizer](b.parameters())
+    opt_b.load_state_dict(saved["opt"])
+    assert _losses(b, opt_b, 5, loss_fn) == pytest.approx(expected, rel=0, abs=1e-6)
+    assert b.unique_layers == 4
+
+
+def test_safetensors_round_trip_with_tied_weights(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=96, n_positions=32)
+    make = lambda: growops.apollo(transformers.GPT2LMHeadModel(config), stages=(2, 4), stage_steps=(2,), seed=3)
+    torch.manual_seed(0)
+    a = make()
+    a.step()
+    a.step()
+    path = tmp_path / "a.safetensors"
+    growops.save_safetensors(a, path)
+    torch.manual_seed(1)
+    b = make()
+    growops.load_safetensors(b, path)
+    assert (b.step_count, b.stage, b.unique_layers, b.depth) == (a.step_count, a.stage, a.unique_layers, a.depth)
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert k == "_extra_state" or torch.equal(v, w), k
+    assert b.model.lm_head.weight is b.model.transformer.wte.weight  # still tied
+
+
+def test_safetensors_without_a_schedule_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(GrowopsError, match="no growops schedule"):
+        growops.load_safetensors(_gpt(), tmp_path / "plain.safetensors")
+
+
+def test_gradient_accumulation_keeps_one_depth_per_step():
+    a = growops.apollo(tiny_gpt(6), stages=(1, 6), stage_steps=(50,), sampler="uniform", seed=3)
+    depths = []
+    for _ in range(6):
+        per_step = set()
+        for micro in range(3):
+            a(**gpt_batch(seed=micro))
+            per_step.add(a.depth)
+        depths.append(per_step)
+        a.step()
+    assert all(len(d) == 1 for d in depths)
+    assert len(set().union(*depths)) > 1  # but it does change between steps
+
+
+def test_micro_batch_resampling_is_deterministic():
+    def run():
+        a = growops.apollo(tiny_gpt(6), stages=(1, 6), stage_steps=(50,), sampler="uniform", seed=3,
+                           resample="micro_batch")
+        seen = []
+        for _ in range(4):
+            for micro in range(3):
+                a(**gpt_batch(seed=micro))
+                seen.append(a.depth)
+            a.step()
+        return seen
+
+    first = run()
+    assert first == run()
+    assert len(set(first)) > 2
+    with pytest.raises(GrowopsError, match="unknown resample 'batch'"):
+        growops.apollo(tiny_gpt(2), stages=(1, 2), stage_steps=(1,), resample="batch")
+
+
+def test_restore_step_matches_the_schedule():
+    a, b = _gpt(), _gpt()
+    for _ in range(7):
+        a.step()
+    b.restore_step(7)
+    assert (b.step_count, b.stage, b.unique_layers, b.depth) == (a.step_count, a.stage, a.unique_layers, a.depth)
+    with pytest.raises(GrowopsError, match="non-negative int"):
+        b.restore_step(-1)
+
+
+def test_loading_another_model_raises_and_changes_nothing():
+    a = _gpt()
+    before = copy.deepcopy(a.state_dict())
+    wider = growops.apollo(tiny_gpt(4, seed=1), stages=(1, 2, 4), stage_steps=(3, 6), seed=5)
+    state = wider.state_dict()
+    state["model.wte.weight"] = torch.zeros(64, 8)  # another width
+    with pytest.raises(GrowopsError, match="model.wte.weight has shape \\(64, 8\\)"):
+        a.load_state_dict(state)
+    state = wider.state_dict()
+    state["model.extra.weight"] = torch.zeros(1)
+    with pytest.raises(GrowopsError, match="unexpected \\['model.extra.weight'\\]"):
+        a.load_state_dict(state)
+    after = a.state_dict()
+    assert before["_extra_state"] == after["_extra_state"]
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "_extra_state")
