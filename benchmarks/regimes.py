@@ -79,6 +79,11 @@ GRIDS = {
         "lr16-later": dict(W32, lr=1.6e-2, stage_fractions=(0.2, 0.4, 0.7), arms=MAIN),
         "lr16-early": dict(W32, lr=1.6e-2, stage_fractions=(0.05, 0.1, 0.25), arms=MAIN),
     },
+    # Four times longer (12000 steps, 12M tokens, 75 tokens per parameter): does the gap close with training length?
+    "long": {
+        "long-lr16": dict(W32, steps=12000, fused_adamw=True, lr=1.6e-2, arms=MAIN),
+        "long-lr8": dict(W32, steps=12000, fused_adamw=True, lr=8e-3, arms=()),
+    },
     # Each growing arm at its own peak lr (tuning the schedule is fair); scratch stays at its best, 1.6e-2.
     "arm-lr": {
         "lr8-early": dict(W32, lr=8e-3, stage_fractions=(0.05, 0.1, 0.25), arms=MAIN, scratch=dict(lr=1.6e-2)),
