@@ -11,6 +11,9 @@ Growth copies weights in place on every rank alike, so parameters stay identical
 With --check, every step asserts that all ranks ran the same (unique, depth), hold identical parameters, and saw
 identical (averaged) gradients.
 
+If the ranks hang at start-up on a single machine, gloo picked an unreachable interface for the hostname: set
+GLOO_SOCKET_IFNAME=lo (the test suite pins 127.0.0.1 and lo, and starts the two ranks without torchrun).
+
 --fsdp2 shards each block and the root with FSDP2 (``fully_shard``, gloo on CPU here) instead. A shared block is
 all-gathered at each of its uses; growth copies shards in place (blocks of one shape are sharded alike); the
 optimizer-state policy acts on the sharded state. With --check every rank feeds the same batch and compares each
