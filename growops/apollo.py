@@ -23,6 +23,7 @@ from .fx.passes import GATE, insert_depth_gate
 from .fx.trace import TracedModel, trace_model
 from .growth import copy_blocks
 from .maps import check_growth, depth_map, growth_sources, preserves_function
+from .ops.routing import route_shared_linears, unroute
 from .optim_state import check_policy, remap_optimizer_state
 from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
 from .stack import StackRuntime, shared_container
@@ -33,7 +34,7 @@ RESAMPLE: tuple[str, ...] = ("step", "micro_batch")
 
 def apollo(model: nn.Module, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 10000), sampler: SamplerSpec = "lvps",
            growth: str = "interpolate", optimizer_state: str = "reset", seed: int = 0, stack: str | None = None,
-           example_inputs: Any = None, resample: str = "step") -> Apollo:
+           example_inputs: Any = None, resample: str = "step", shared_linear: bool | str = "auto") -> Apollo:
     """Wrap `model` for Apollo progressive training.
 
     stages: unique blocks per stage, strictly increasing, the last equal to the model's L blocks.
@@ -48,8 +49,12 @@ def apollo(model: nn.Module, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 1000
     resample: ``"step"`` (one depth per optimizer step, so every micro-batch of a gradient-accumulation step runs
         the same depth) or ``"micro_batch"`` (the authors' code: each training forward draws its own depth, from
         ``(seed, step, k)`` for the k-th forward of the step).
+    shared_linear: route the blocks' ``nn.Linear`` / ``Conv1D`` layers through ``growops.ops.shared_linear``, whose
+        weight gradients are summed over a shared block's uses in fp32 (autocast sums them in bf16), with the
+        ``growops_cuda`` kernel where it builds. ``"auto"`` (default): where CUDA is available; ``True``; ``False``.
     """
-    return Apollo(model, stages, stage_steps, sampler, growth, optimizer_state, seed, stack, example_inputs, resample)
+    return Apollo(model, stages, stage_steps, sampler, growth, optimizer_state, seed, stack, example_inputs, resample,
+                  shared_linear)
 
 
 class _Forward:
@@ -74,7 +79,8 @@ class Apollo(nn.Module):
 
     def __init__(self, model: nn.Module, stages, stage_steps, sampler: SamplerSpec = "lvps",
                  growth: str = "interpolate", optimizer_state: str = "reset", seed: int = 0,
-                 stack: str | None = None, example_inputs: Any = None, resample: str = "step"):
+                 stack: str | None = None, example_inputs: Any = None, resample: str = "step",
+                 shared_linear: bool | str = "auto"):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise GrowopsTypeError(f"apollo wraps an nn.Module, got {type(model).__name__}")
@@ -89,6 +95,8 @@ class Apollo(nn.Module):
         if resample not in RESAMPLE:
             raise GrowopsError(f"unknown resample {resample!r}: use one of {', '.join(map(repr, RESAMPLE))}")
         self._resample = resample
+        if not (isinstance(shared_linear, bool) or shared_linear == "auto"):
+            raise GrowopsError(f"shared_linear must be True, False or 'auto', got {shared_linear!r}")
 
         found, traced = _locate_stack(model, stack, example_inputs)
         self._schedule = Schedule.checked(stages, stage_steps, found.depth)
@@ -104,6 +112,8 @@ class Apollo(nn.Module):
         self._swap = None  # (parent, name, original container) when the container was replaced
         self._graph = None  # a _GraphRunner when the model indexes its blocks
         self._install(model, found, traced, example_inputs)
+        if shared_linear is True or (shared_linear == "auto" and torch.cuda.is_available()):
+            route_shared_linears(self._runtime.blocks)
         self.forward = _Forward(self, _signature(model))
         self.step_count = 0
         self.stage = 0
@@ -220,6 +230,7 @@ class Apollo(nn.Module):
                 setattr(parent, name, shared)
         else:
             out = copy.deepcopy(self.model)
+        unroute(out)
         container = out.get_submodule(self._stack.path)
         names = list(container._modules)
         blocks = [container._modules[n] for n in names]

@@ -10,4 +10,7 @@ settings.register_profile("growops", deadline=None, max_examples=25, derandomize
 settings.register_profile("thorough", deadline=None, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "growops"))
 
+# Tests never download: the Hugging Face models are built from configs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -24,14 +24,15 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _schedule(model):
+def _schedule(model, shared_linear=False):
     # 4 stages with 4 steps each and a uniform sampler: more than 8 (unique, depth) pairs and 3 growths.
-    return growops.apollo(model, stages=(1, 2, 3, 6), stage_steps=(4, 8, 12), sampler="uniform", seed=1)
+    return growops.apollo(model, stages=(1, 2, 3, 6), stage_steps=(4, 8, 12), sampler="uniform", seed=1,
+                          shared_linear=shared_linear)
 
 
-def _train_both(make, loss_fn, backend, steps=16):
+def _train_both(make, loss_fn, backend, steps=16, shared_linear=False):
     """Train an eager and a compiled copy side by side; returns (eager losses, compiled losses, configs seen)."""
-    eager, compiled = _schedule(make()), _schedule(make())
+    eager, compiled = _schedule(make(), shared_linear), _schedule(make(), shared_linear)
     run = torch.compile(compiled, backend=backend)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (eager, compiled)]
     losses, seen, growths = ([], []), set(), 0
@@ -54,6 +55,16 @@ def _train_both(make, loss_fn, backend, steps=16):
 def test_example_gpt_whole_schedule_few_graphs(backend):
     batch = gpt_batch()
     (eager, compiled), seen, growths = _train_both(lambda: tiny_gpt(6), lambda m: m(**batch).loss, backend)
+    assert len(seen) >= 8 and growths >= 2
+    assert counters["stats"]["unique_graphs"] <= 6
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_routed_linears_compile_with_few_graphs():
+    """growops::shared_linear (its fake and autograd registrations) inside inductor-compiled blocks."""
+    batch = gpt_batch()
+    (eager, compiled), seen, growths = _train_both(lambda: tiny_gpt(6), lambda m: m(**batch).loss, "inductor",
+                                                   shared_linear=True)
     assert len(seen) >= 8 and growths >= 2
     assert counters["stats"]["unique_graphs"] <= 6
     assert compiled == pytest.approx(eager, rel=1e-4)

@@ -1,0 +1,118 @@
+"""A linear layer whose weight gradient is computed and summed in fp32, however many times it is used per step.
+
+Apollo runs one block at several positions in a step, so every linear layer in a shared block has k uses. Under
+autocast PyTorch casts the fp32 weight to bf16 once and sums the k uses' weight gradients into that bf16 copy, so
+the sum carries bf16 rounding (relative error ~3e-3). Here each use returns its weight gradient in fp32 and autograd
+sums the k of them into the fp32 parameter's ``.grad``: the sum is fp32-exact.
+
+Two ops, declared once here (``torch.library``), each with a reference implementation in plain torch, a fake
+(meta) implementation for tracing, and, for the backward op, a CUDA kernel registered by
+``growops.ops.extension`` when the ``growops_cuda`` extension builds:
+
+    growops::shared_linear(x, weight, weight_lp, bias) -> y      y = x @ weight_lp.T + bias   (autograd below)
+    growops::linear_wgrad(grad_out, x, with_bias) -> (dW, db)    dW = grad_out.T @ x, db = grad_out.sum(0), fp32
+
+``weight`` is the parameter (the gradient goes to it); ``weight_lp`` is the same values in x's dtype, cast once per
+weight update rather than once per use (see ``compute_weight``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["compute_weight", "linear_wgrad", "shared_linear"]
+
+
+# ---------------------------------------------------------------------------------------------------- linear_wgrad
+@torch.library.custom_op("growops::linear_wgrad", mutates_args=())
+def linear_wgrad(grad_out: Tensor, x: Tensor, with_bias: bool) -> tuple[Tensor, Tensor]:
+    """Weight and bias gradient of one use of a linear layer, accumulated and returned in fp32.
+
+    grad_out (N, out) and x (N, in) in the compute dtype -> dW (out, in), db (out,) (empty without bias), both fp32
+    (fp64 for fp64 inputs). Invariant: dW equals ``grad_out.double().T @ x.double()`` to fp32 accuracy, whatever
+    the input dtype.
+    """
+    return _wgrad_reference(grad_out, x, with_bias)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _wgrad_reference(grad_out: Tensor, x: Tensor, with_bias: bool) -> tuple[Tensor, Tensor]:
+    acc = _accumulate_dtype(grad_out.dtype)
+    if grad_out.is_cuda and grad_out.dtype in (torch.bfloat16, torch.float16):
+        # cuBLAS with fp32 output: low-precision inputs, fp32 accumulation, no fp32 copies of the inputs.
+        dw = torch.mm(grad_out.t(), x, out_dtype=torch.float32)  # (out, in)
+    else:
+        # Products of bf16/fp16 values are exact in fp32, so upcasting first is the fp32-accumulation reference.
+        dw = grad_out.to(acc).t() @ x.to(acc)  # (out, in)
+    db = grad_out.sum(0, dtype=acc) if with_bias else grad_out.new_empty(0, dtype=acc)
+    return dw, db
+
+
+@linear_wgrad.register_fake
+def _(grad_out: Tensor, x: Tensor, with_bias: bool) -> tuple[Tensor, Tensor]:
+    acc = _accumulate_dtype(grad_out.dtype)
+    dw = grad_out.new_empty(grad_out.shape[1], x.shape[1], dtype=acc)
+    db = grad_out.new_empty(grad_out.shape[1] if with_bias else 0, dtype=acc)
+    return dw, db
+
+
+# --------------------------------------------------------------------------------------------------- shared_linear
+@torch.library.custom_op("growops::shared_linear", mutates_args=())
+def _shared_linear(x: Tensor, weight: Tensor, weight_lp: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight_lp, None if bias is None else bias.to(x.dtype))
+
+
+@_shared_linear.register_fake
+def _(x: Tensor, weight: Tensor, weight_lp: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight_lp.shape[0])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, weight_lp, bias = inputs
+    ctx.save_for_backward(x, weight_lp)
+    ctx.weight_dtype = weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad: Tensor):
+    x, weight_lp = ctx.saved_tensors
+    grad = grad.to(x.dtype)
+    grad_x = grad @ weight_lp if ctx.needs_input_grad[0] else None  # (..., in)
+    grad_w = grad_b = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+        with_bias = ctx.bias_dtype is not None
+        dw, db = linear_wgrad(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), with_bias)
+        grad_w = dw.to(ctx.weight_dtype)  # fp32 for an fp32 parameter: the k uses are summed in fp32
+        grad_b = db.to(ctx.bias_dtype) if with_bias else None
+    return grad_x, grad_w, None, grad_b
+
+
+torch.library.register_autograd("growops::shared_linear", _backward, setup_context=_setup_context)
+
+
+def compute_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``weight`` in `dtype`, detached: the copy the GEMMs read (the gradient goes to ``weight`` itself)."""
+    return weight.detach() if weight.dtype == dtype else weight.detach().to(dtype)
+
+
+def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, weight_lp: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` whose weight and bias gradients are fp32 sums over every use.
+
+    Under autocast x is cast to the autocast dtype as ``F.linear`` would be, and the GEMMs run in it; without
+    autocast they run in x's dtype. ``weight_lp`` may pass a cached ``compute_weight(weight, dtype)``.
+
+        >>> w = torch.randn(3, 4, requires_grad=True); x = torch.randn(2, 5, 4)
+        >>> shared_linear(x, w).shape
+        torch.Size([2, 5, 3])
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x = x.to(torch.get_autocast_dtype(device_type))
+    if weight_lp is None or weight_lp.dtype != x.dtype:
+        weight_lp = compute_weight(weight, x.dtype)
+    return _shared_linear(x, weight, weight_lp, bias)

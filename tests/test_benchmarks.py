@@ -1,0 +1,21 @@
+"""Benchmark scripts still run (at toy sizes on the CPU), so a GPU session does not spend its time on their bugs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shared_layer_benchmark_smoke_on_cpu(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shared_layer.py"), "--smoke-cpu", "--out",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["k"] for r in rows] == [1, 4, 12]
+    for r in rows:
+        # the fp32 ways agree with fp64; PyTorch's bf16 autocast sum does not (that is what the op fixes)
+        assert r["growops_rel_err"] < 1e-6 and r["addmm_rel_err"] < 1e-6
+        assert r["autograd_rel_err"] > 1e-4

@@ -1,0 +1,117 @@
+"""Routing a model's linear layers through growops::shared_linear: invisible, reversible, wired into apollo."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import growops
+from growops.ops import SharedLinear, route_shared_linears, unroute
+from tests.models import gpt_batch, tiny_gpt
+
+
+class MyLinear(nn.Linear):
+    """A user's own Linear subclass (LoRA, quantized...): never routed."""
+
+
+def test_route_keeps_parameters_keys_and_outputs_and_unroute_leaves_no_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), MyLinear(8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dict_keys = [sorted(m.__dict__) for m in model.modules()]
+    x = torch.randn(3, 4)
+    want = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_bf16 = model(x)
+    params = list(model.parameters())
+    assert route_shared_linears([model]) == 1
+    assert type(model[0]) is SharedLinear and type(model[2]) is MyLinear
+    assert list(model.parameters()) == params and list(model.state_dict()) == list(before)
+    assert torch.equal(model(x), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x), want_bf16)  # the cached bf16 weight is the one autocast would cast
+    assert unroute(model) == 1
+    assert type(model[0]) is nn.Linear
+    assert [sorted(m.__dict__) for m in model.modules()] == dict_keys
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_cached_compute_weight_follows_in_place_updates():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    route_shared_linears([layer])
+    x = torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = layer(x)
+        with torch.no_grad():
+            layer.weight.add_(1.0)  # what an optimizer step or a growth does
+        second = layer(x)
+        plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert not torch.equal(first, second)
+    assert torch.equal(second, plain)
+
+
+def test_hf_gpt2_conv1d_is_routed_and_computes_the_same():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    want = model(input_ids=ids, labels=ids)
+    want.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert route_shared_linears(model.transformer.h) == 8  # c_attn, c_proj, c_fc, c_proj per block
+    assert all(type(m).__name__ == "SharedConv1D" for m in model.transformer.h.modules() if isinstance(m, Conv1D))
+    got = model(input_ids=ids, labels=ids)
+    got.loss.backward()
+    torch.testing.assert_close(got.logits, want.logits)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the routed class pickles under a stable name
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, want.logits)
+
+
+def test_apollo_shared_linear_trains_like_the_plain_path_and_exports_plain_modules():
+    batch = gpt_batch()
+    losses = {}
+    for routed in (False, True):
+        a = growops.apollo(tiny_gpt(6), stages=(1, 2, 6), stage_steps=(3, 6), sampler="uniform", seed=0,
+                           shared_linear=routed)
+        assert any(type(m) is SharedLinear for m in a.modules()) == routed
+        opt = torch.optim.AdamW(a.parameters(), lr=1e-2)
+        losses[routed] = []
+        for _ in range(8):  # through two growths
+            loss = a(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            a.step(opt)
+            losses[routed].append(loss.item())
+        exported = a.export()
+        assert not any(type(m) is SharedLinear for m in exported.modules())
+        assert not any("_growops_compute_weight" in m.__dict__ for m in exported.modules())
+        assert list(exported.state_dict()) == list(tiny_gpt(6).state_dict())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_apollo_auto_routes_only_where_cuda_is_available():
+    a = growops.apollo(tiny_gpt(4), stages=(1, 4), stage_steps=(2,))
+    assert any(type(m) is SharedLinear for m in a.modules()) == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_apollo_rejects_a_bad_shared_linear_switch_before_touching_the_model(bad):
+    model = tiny_gpt(4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(growops.GrowopsError, match="shared_linear must be True, False or 'auto'"):
+        growops.apollo(model, stages=(1, 4), stage_steps=(2,), shared_linear=bad)
+    assert not any(type(m) is SharedLinear for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
