@@ -3,6 +3,7 @@
     python benchmarks/shared_layer.py                    # all GPT-2-small projections, k in 1 4 12, T in 4096 16384
     python benchmarks/shared_layer.py --quick            # one layer, one T: a smoke run
     python benchmarks/shared_layer.py --smoke-cpu        # the logic on CPU at toy sizes (tests run this)
+    python benchmarks/shared_layer.py --smoke-cpu --layers mlp.c_fc --tokens 512   # CPU gradient errors, real width
 
 Per (layer, T tokens per use, k uses), in bf16 with fp32 master weights and biases, four ways to get the weight
 and bias gradients of the k uses (every way also computes the input gradients):
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--smoke-cpu", action="store_true", help="toy sizes on the CPU: checks the script, not speed")
+    parser.add_argument("--layers", default=None, help="comma-separated subset of " + ", ".join(LAYERS))
+    parser.add_argument("--tokens", default=None, help="comma-separated tokens per use, e.g. 4096,16384")
     args = parser.parse_args(argv)
     global DEVICE
     DEVICE = "cpu" if args.smoke_cpu else "cuda"
@@ -186,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     token_counts = (4096,) if args.quick else (4096, 16384)
     if args.smoke_cpu:
         layers, token_counts, args.reps = {"toy": (32, 48)}, (64,), 1
+    if args.layers:
+        layers = {name: LAYERS[name] for name in args.layers.split(",")}
+    if args.tokens:
+        token_counts = tuple(int(t) for t in args.tokens.split(","))
     rows = []
     header = ("| layer | T | k | bwd ms autograd / addmm / growops / ref | x vs autograd | x vs addmm | "
               "fwd+bwd x vs autograd / addmm | rel err autograd / addmm / growops |")
