@@ -16,8 +16,9 @@ GLOO_SOCKET_IFNAME=lo (the test suite pins 127.0.0.1 and lo, and starts the two 
 
 --fsdp2 shards each block and the root with FSDP2 (``fully_shard``, gloo on CPU here) instead. A shared block is
 all-gathered at each of its uses; growth copies shards in place (blocks of one shape are sharded alike); the
-optimizer-state policy acts on the sharded state. With --check every rank feeds the same batch and compares each
-step's loss with an unsharded replica trained beside it.
+optimizer-state policy acts on the sharded state. With --check an unsharded replica trains beside it on the global
+batch (all ranks' batches): every step, each parameter's full gradient must equal the replica's and the ranks' mean
+loss the replica's loss.
 """
 
 from __future__ import annotations
@@ -82,6 +83,23 @@ def main(argv: list[str] | None = None) -> None:
     dist.destroy_process_group()
 
 
+def _gather(value: torch.Tensor) -> list[torch.Tensor]:
+    gathered = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, value)
+    return gathered
+
+
+def _check_fsdp2_gradients(sharded: growops.Apollo, replica: growops.Apollo, step: int) -> None:
+    """Each sharded parameter's full gradient equals the replica's (which saw the global batch); a parameter no
+    position ran has none on either side."""
+    for (name, p), q in zip(sharded.named_parameters(), replica.parameters()):
+        if p.grad is None or q.grad is None:
+            assert p.grad is None and q.grad is None, f"step {step}: {name} has a gradient on one side only"
+            continue
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        assert torch.allclose(grad, q.grad, rtol=1e-4, atol=1e-6), f"step {step}: {name} gradient differs"
+
+
 def _apollo(steps: int) -> growops.Apollo:
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=4, n_embd=32, n_head=2, block_size=32))
@@ -103,26 +121,35 @@ def main_fsdp2(args) -> None:
         fully_shard(block, mesh=mesh)
     fully_shard(a, mesh=mesh)
     opts = [torch.optim.AdamW(m.parameters(), lr=3e-3) for m in (a, replica) if m is not None]
-    # With --check every rank reads the same batches, so averaging changes nothing and the replica must agree.
-    batches = Batches(encode(load_text())[: 200_000], batch_size=4, block_size=32, seed=0 if args.check else rank)
+    # Every rank reads its own batches. With --check the replica trains on all ranks' batches at once, so its
+    # gradient is what FSDP2's reduce-scatter must produce: the average of the ranks' gradients.
+    batches = Batches(encode(load_text())[: 200_000], batch_size=4, block_size=32, seed=rank)
     for step in range(args.steps):
         batch = batches.next()
-        losses = []
-        for model, opt in zip((a, replica), opts):
-            loss = model(**batch).loss
+        loss = a(**batch).loss
+        loss.backward()
+        losses = [loss.item()]
+        if replica is not None:
+            global_batch = {k: torch.cat(_gather(v)) for k, v in batch.items()}
+            loss = replica(**global_batch).loss
             loss.backward()
+            losses.append(loss.item())
+            _check_fsdp2_gradients(a, replica, step)
+        for model, opt in zip((a, replica), opts):
             opt.step()
             opt.zero_grad(set_to_none=True)
             model.step(opt)
-            losses.append(loss.item())
         if args.check:
-            assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[1]), f"step {step}: sharded {losses}"
+            mean = torch.tensor([losses[0]])
+            dist.all_reduce(mean)
+            mean = mean.item() / dist.get_world_size()
+            assert abs(mean - losses[1]) <= 1e-5 * abs(losses[1]), f"step {step}: sharded {mean}, replica {losses[1]}"
             assert _all_equal(torch.tensor([a.unique_layers, a.depth])), f"step {step}: ranks disagree"
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:3d} loss {losses[0]:.4f} stage {a.stage} unique {a.unique_layers} depth {a.depth}")
     if rank == 0:
         print(f"ok: FSDP2 on {dist.get_world_size()} ranks, {args.steps} steps, {a.stage} growths"
-              + (", losses equal an unsharded replica's" if args.check else ""))
+              + (", losses equal an unsharded replica's (and gradients, on the global batch)" if args.check else ""))
     dist.barrier()  # let every rank finish its collectives before the group goes away
     dist.destroy_process_group()
 

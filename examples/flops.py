@@ -6,9 +6,11 @@ configuration is measured once on a batch of the training shape and cached.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import growops
@@ -36,7 +38,10 @@ class StepFlops:
         if isinstance(model, growops.Apollo):
             model._runtime.unique, model._runtime.depth = unique, depth
         device = next(model.parameters()).device
-        with FlopCounterMode(display=False) as counter:
+        # FlopCounterMode has no formula for the CPU flash-attention kernel (it would count attention as 0): count
+        # the math backend's matmuls instead, the same FLOPs the GPU kernels' formulas give.
+        math_attention = sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext()
+        with math_attention, FlopCounterMode(display=False) as counter:
             with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss = model(**self.batch).loss
             loss.backward()

@@ -155,9 +155,8 @@ class Apollo(nn.Module):
     # ---------------------------------------------------------------- running
     def _run(self, *args, **kwargs):
         # Under torch.compile this check is folded away, so it adds no guard on Python state.
-        if not torch.compiler.is_compiling() and self.training and "checkpointing" not in self._warned \
-                and _checkpointing(self.model):
-            self._warn_checkpointing()
+        if not torch.compiler.is_compiling() and self.training:
+            self._check_checkpointing()
         if self._resample == "micro_batch" and self.training:
             self._next_micro_batch()
         return (self._graph if self._graph is not None else self.model)(*args, **kwargs)
@@ -170,7 +169,10 @@ class Apollo(nn.Module):
                                         self._runtime.layers, self._seed, self.step_count, self._micro_batch)
         self._micro_batch += 1
 
-    def _warn_checkpointing(self) -> None:
+    def _check_checkpointing(self) -> None:
+        """Warn once if gradient checkpointing is on and would recompute shared blocks with wrong per-layer values."""
+        if "checkpointing" in self._warned or not _checkpointing(self.model):
+            return
         self._warned.add("checkpointing")
         others = sorted(k for k in self._runtime.per_layer_values if not k.endswith("layer_idx"))
         if others:
@@ -254,23 +256,31 @@ class Apollo(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights and the schedule position; a state from another schedule or model raises a
-        GrowopsError before anything is changed."""
-        key = "_extra_state"
-        if key not in state_dict:
-            raise GrowopsError("this state_dict has no growops schedule (key '_extra_state'): load a plain model's "
-                               "weights with a.model.load_state_dict(...), or save with a.state_dict()")
-        self._check_state(state_dict[key])
-        own = self.state_dict()
+        GrowopsError before anything is changed (also when a wrapper such as DDP or torch.compile loads it)."""
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # torch calls this on `a` before anything under it is loaded, whoever started the load (a.load_state_dict,
+        # a DDP or compile wrapper's): checking the whole prefixed state here keeps a failed load from half-applying.
+        own = {prefix + k: v for k, v in self.state_dict().items()}
+        mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        key = prefix + "_extra_state"
+        if key not in mine:
+            raise GrowopsError(f"this state_dict has no growops schedule (key {key!r}): load a plain model's weights "
+                               "with a.model.load_state_dict(...), or save with a.state_dict()")
+        self._check_state(mine[key])
         if strict:
-            missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+            missing, unexpected = sorted(set(own) - set(mine)), sorted(set(mine) - set(own))
             if missing or unexpected:
                 raise GrowopsError(f"state_dict does not match this model: missing {missing[:5]}, unexpected "
                                    f"{unexpected[:5]}; was it saved from another model?")
-        for k, v in state_dict.items():
+        for k, v in mine.items():
             if isinstance(v, torch.Tensor) and k in own and own[k].shape != v.shape:
                 raise GrowopsError(f"state_dict entry {k} has shape {tuple(v.shape)}, this model's has "
                                    f"{tuple(own[k].shape)}; was it saved from another model?")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _fingerprint(self) -> dict:
         return {"stages": list(self._schedule.stages), "stage_steps": list(self._schedule.stage_steps),

@@ -39,12 +39,14 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, blocks: Sequence[nn.
     params = [[p for _, p in block.named_parameters(remove_duplicate=False)] for block in blocks]
     # A parameter that an unchanged block also holds (tied across blocks) keeps its state.
     unchanged = {p for j, ps in enumerate(params) if j not in changed for p in ps}
-    # Snapshot before writing: a source block may also be a destination.
-    before = {s: [copy.deepcopy(optimizer.state.get(p)) for p in params[s]] for s in {sources[j] for j in changed}}
+    # "copy" snapshots the sources before writing (a source block may also be a destination); "reset" needs none.
+    before = {s: [copy.deepcopy(optimizer.state.get(p)) for p in params[s]] for s in {sources[j] for j in changed}} \
+        if policy == "copy" else {}
     for j in changed:
-        for p, state in zip(params[j], before[sources[j]]):
+        for i, p in enumerate(params[j]):
             if p not in held or p in unchanged:
                 continue
             optimizer.state.pop(p, None)
-            if policy == "copy" and state:
+            state = before[sources[j]][i] if policy == "copy" else None
+            if state:
                 optimizer.state[p] = copy.deepcopy(state)

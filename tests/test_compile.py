@@ -56,7 +56,7 @@ def test_example_gpt_whole_schedule_few_graphs(backend):
     batch = gpt_batch()
     (eager, compiled), seen, growths = _train_both(lambda: tiny_gpt(6), lambda m: m(**batch).loss, backend)
     assert len(seen) >= 8 and growths >= 2
-    assert counters["stats"]["unique_graphs"] <= 6
+    assert 1 <= counters["stats"]["unique_graphs"] <= 6  # something compiled, and few graphs
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
@@ -66,7 +66,7 @@ def test_routed_linears_compile_with_few_graphs():
     (eager, compiled), seen, growths = _train_both(lambda: tiny_gpt(6), lambda m: m(**batch).loss, "inductor",
                                                    shared_linear=True)
     assert len(seen) >= 8 and growths >= 2
-    assert counters["stats"]["unique_graphs"] <= 6
+    assert 1 <= counters["stats"]["unique_graphs"] <= 6  # something compiled, and few graphs
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
@@ -79,7 +79,7 @@ def test_graph_mode_model_whole_schedule_few_graphs():
 
     (eager, compiled), seen, growths = _train_both(make, lambda m: m(x).square().mean(), "aot_eager")
     assert len(seen) >= 8 and growths >= 2
-    assert counters["stats"]["unique_graphs"] <= 6
+    assert 1 <= counters["stats"]["unique_graphs"] <= 6  # something compiled, and few graphs
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
@@ -98,7 +98,7 @@ def test_hf_gpt2_whole_schedule_few_graphs():
     (eager, compiled), seen, growths = _train_both(make, lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss,
                                                    "aot_eager")
     assert len(seen) >= 8 and growths >= 2
-    assert counters["stats"]["unique_graphs"] <= 6
+    assert 1 <= counters["stats"]["unique_graphs"] <= 6  # something compiled, and few graphs
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
@@ -113,4 +113,4 @@ def test_eval_after_training_adds_at_most_a_graph_per_mode():
     with torch.no_grad():
         compiled = run(**batch).loss
         assert torch.allclose(compiled, a(**batch).loss, rtol=1e-5)
-    assert counters["stats"]["unique_graphs"] <= 4
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4

@@ -64,6 +64,22 @@ def test_trainer_resume_restores_the_schedule(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_new_trainer_continues_a_schedule_that_has_moved_on(tmp_path):
+    """A Trainer at step 0 (a second train() without resuming) must not rewind a grown schedule: rewinding would
+    regrow blocks over trained weights."""
+    a = _apollo()
+    _trainer(a, tmp_path / "first", save_strategy="no").train()
+    assert (a.step_count, a.stage) == (6, 2)
+    trainer = _trainer(a, tmp_path / "second", save_strategy="no")
+    trainer.train()
+    assert (a.step_count, a.stage, a.unique_layers) == (12, 2, 4)
+
+
 def test_callback_rejects_what_it_cannot_drive():
     with pytest.raises(growops.GrowopsError, match="needs the growops.apollo wrapper"):
         ApolloCallback(transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG)))
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+    a = growops.apollo(model, stages=(1, 2, 4), stage_steps=(2, 4), resample="micro_batch")
+    with pytest.raises(growops.GrowopsError, match="needs resample='step'"):
+        ApolloCallback(a)

@@ -153,3 +153,27 @@ def test_loading_another_model_raises_and_changes_nothing():
     after = a.state_dict()
     assert before["_extra_state"] == after["_extra_state"]
     assert all(torch.equal(before[k], after[k]) for k in before if k != "_extra_state")
+
+
+def test_a_wrapper_loading_a_bad_state_raises_before_anything_under_apollo_changes():
+    """DDP, torch.compile and user wrappers load through torch's recursion, not a.load_state_dict."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    a = _gpt()
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    _losses(a, opt, 4, lambda m, step: m(**gpt_batch()).loss)  # past a growth
+    wrapped = Wrapper(a)
+    before = copy.deepcopy(a.state_dict())
+    state = Wrapper(_gpt()).state_dict()  # a fresh schedule: the right keys and shapes
+    state["inner.model.wte.weight"] = torch.zeros(64, 8)
+    with pytest.raises(GrowopsError, match="inner.model.wte.weight has shape"):
+        wrapped.load_state_dict(state)
+    after = a.state_dict()
+    assert before["_extra_state"] == after["_extra_state"]
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "_extra_state")
+    wrapped.load_state_dict(Wrapper(_gpt()).state_dict())  # a good state loads through the wrapper
+    assert (a.step_count, a.stage) == (0, 0)

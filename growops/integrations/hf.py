@@ -24,6 +24,10 @@ class ApolloCallback(TrainerCallback):
     def __init__(self, apollo: Apollo):
         if not isinstance(apollo, Apollo):
             raise GrowopsError(f"ApolloCallback needs the growops.apollo wrapper, got {type(apollo).__name__}")
+        if apollo._resample != "step":
+            raise GrowopsError("ApolloCallback needs resample='step': the Trainer calls a.model directly, so "
+                               "per-micro-batch sampling (which runs in a(...)) would never happen. Build apollo "
+                               "with resample='step' (every micro-batch of an optimizer step runs the same depth)")
         if apollo.mode != "container":
             raise GrowopsError("ApolloCallback needs a model whose forward iterates its block container (every "
                                "Hugging Face model does): this one runs through a rewritten graph, train it as "
@@ -31,8 +35,12 @@ class ApolloCallback(TrainerCallback):
         self.apollo = apollo
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # Resuming from a Trainer checkpoint restores weights and optimizer state but not the schedule.
-        if state.global_step != self.apollo.step_count:
+        # The Trainer calls a.model, not a(...), so the wrapper's own checks run here.
+        self.apollo._check_checkpointing()
+        # Resuming from a Trainer checkpoint restores weights and optimizer state but not the schedule. A Trainer
+        # that starts at step 0 while the schedule has moved on (trained before, or a second train() call without
+        # resuming) continues the schedule: rewinding it would regrow blocks over trained weights.
+        if state.global_step > 0 and state.global_step != self.apollo.step_count:
             self.apollo.restore_step(state.global_step)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
