@@ -37,16 +37,23 @@ def linear_wgrad(grad_out: Tensor, x: Tensor, with_bias: bool) -> tuple[Tensor, 
     return _wgrad_reference(grad_out, x, with_bias)
 
 
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) works here; set False the first time it does not
+
+
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
 def _wgrad_reference(grad_out: Tensor, x: Tensor, with_bias: bool) -> tuple[Tensor, Tensor]:
     acc = _accumulate_dtype(grad_out.dtype)
-    if grad_out.is_cuda and grad_out.dtype in (torch.bfloat16, torch.float16):
+    dw = None
+    if grad_out.is_cuda and grad_out.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE[0]:
         # cuBLAS with fp32 output: low-precision inputs, fp32 accumulation, no fp32 copies of the inputs.
-        dw = torch.mm(grad_out.t(), x, out_dtype=torch.float32)  # (out, in)
-    else:
+        try:
+            dw = torch.mm(grad_out.t(), x, out_dtype=torch.float32)  # (out, in)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=) for these inputs
+            _MM_OUT_DTYPE[0] = False
+    if dw is None:
         # Products of bf16/fp16 values are exact in fp32, so upcasting first is the fp32-accumulation reference.
         dw = grad_out.to(acc).t() @ x.to(acc)  # (out, in)
     db = grad_out.sum(0, dtype=acc) if with_bias else grad_out.new_empty(0, dtype=acc)
