@@ -113,7 +113,7 @@ class Apollo(nn.Module):
         self._graph = None  # a _GraphRunner when the model indexes its blocks
         self._install(model, found, traced, example_inputs)
         if shared_linear is True or (shared_linear == "auto" and torch.cuda.is_available()):
-            route_shared_linears(self._runtime.blocks)
+            route_shared_linears(self._runtime.blocks, runtime=self._runtime)
         self.forward = _Forward(self, _signature(model))
         self.step_count = 0
         self.stage = 0

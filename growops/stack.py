@@ -37,6 +37,7 @@ class StackRuntime:
         self.depth = self.layers
         self.growth = growth
         self.per_layer_values = dict(per_layer_values or {})
+        self.generation = 0  # counts forwards through the stack; caches valid for one forward key on it
 
     @property
     def training(self) -> bool:
@@ -58,6 +59,7 @@ class StackRuntime:
     # the sharing never enter a graph and never trigger a recompile.
     @torch.compiler.disable
     def _selected(self, selection: slice) -> range:
+        self.generation += 1
         return range(len(self.mapping()))[selection]
 
     @torch.compiler.disable

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import types
 
 import pytest
 import torch
@@ -31,26 +32,33 @@ def test_route_keeps_parameters_keys_and_outputs_and_unroute_leaves_no_trace():
     assert list(model.parameters()) == params and list(model.state_dict()) == list(before)
     assert torch.equal(model(x), want)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(model(x), want_bf16)  # the cached bf16 weight is the one autocast would cast
+        assert torch.equal(model(x), want_bf16)
     assert unroute(model) == 1
     assert type(model[0]) is nn.Linear
     assert [sorted(m.__dict__) for m in model.modules()] == dict_keys
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_cached_compute_weight_follows_in_place_updates():
+def test_the_cast_weight_is_reused_within_a_forward_and_renewed_at_the_next():
+    """The bf16 copy lives for one forward of the stack (the runtime's generation), not for one version of the
+    weight: fused AdamW updates parameters in place without bumping their version counter."""
     torch.manual_seed(0)
-    layer = nn.Linear(4, 4)
-    route_shared_linears([layer])
-    x = torch.randn(2, 4)
+    counter = types.SimpleNamespace(generation=0)  # what a StackRuntime provides
+    layer = nn.Linear(8, 8)
+    route_shared_linears([layer], runtime=counter)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    x = torch.randn(4, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         first = layer(x)
-        with torch.no_grad():
-            layer.weight.add_(1.0)  # what an optimizer step or a growth does
-        second = layer(x)
-        plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert not torch.equal(first, second)
-    assert torch.equal(second, plain)
+        cached = layer.__dict__["_growops_compute_weight"][1]
+        assert torch.equal(layer(x), first) and layer.__dict__["_growops_compute_weight"][1] is cached  # reused
+    first.float().square().mean().backward()
+    version = layer.weight._version
+    opt.step()
+    assert layer.weight._version == version  # why the version counter cannot be the key
+    counter.generation += 1  # the next forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
 def test_hf_gpt2_conv1d_is_routed_and_computes_the_same():
@@ -115,3 +123,31 @@ def test_apollo_rejects_a_bad_shared_linear_switch_before_touching_the_model(bad
         growops.apollo(model, stages=(1, 4), stage_steps=(2,), shared_linear=bad)
     assert not any(type(m) is SharedLinear for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("impl", [{"foreach": True}, {"fused": True}, {"foreach": False}])
+def test_routed_layers_see_every_optimizer_update_under_apollo(impl):
+    """Through apollo, under bf16 autocast, every routed layer's output equals F.linear on its current weights at
+    every step, whatever the optimizer implementation."""
+    a = growops.apollo(tiny_gpt(4), stages=(1, 2, 4), stage_steps=(2, 4), sampler="uniform", shared_linear=True)
+    checked = []
+
+    def check(module, inputs, output):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = torch.nn.functional.linear(inputs[0], module.weight, module.bias)
+        assert torch.equal(output, want)
+        checked.append(1)
+
+    for m in a.modules():
+        if type(m) is SharedLinear:
+            m.register_forward_hook(check)
+    opt = torch.optim.AdamW(a.parameters(), lr=0.05, **impl)
+    batch = gpt_batch()
+    for _ in range(5):  # through two growths
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = a(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        a.step(opt)
+    assert len(checked) > 0

@@ -11,6 +11,7 @@ gradient), and ``unroute(route(m))`` leaves no trace: same class, same ``__dict_
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from .shared_linear import compute_weight, shared_linear
 __all__ = ["SharedLinear", "route_shared_linears", "unroute"]
 
 _CACHE = "_growops_compute_weight"  # instance attribute: (key, weight in the compute dtype)
+_RUNTIME = "_growops_runtime"  # instance attribute: what counts forwards (a StackRuntime), if routed by apollo
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -28,12 +30,14 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _cached_compute_weight(module: nn.Module, weight: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """The compute-dtype copy of `weight`, cast once per weight update instead of once per use (autocast caches
-    its cast the same way, per forward). Keyed by the tensor's version counter, so an optimizer step or a growth
-    (both in place) invalidates it. Not used under torch.compile, where the cast is part of the graph."""
-    if weight.dtype == dtype or torch.compiler.is_compiling():
+    """The compute-dtype copy of `weight`, cast once per forward of the stack instead of once per use (autocast
+    caches its cast the same way, per autocast region). Valid for one forward: the key holds the runtime's forward
+    count, because a weight's version counter does not see every in-place update (fused AdamW on CPU bumps none).
+    None (cast per use) where no runtime counts forwards, and under torch.compile, where the cast is in the graph."""
+    runtime = module.__dict__.get(_RUNTIME)
+    if runtime is None or weight.dtype == dtype or torch.compiler.is_compiling():
         return None
-    key = (weight.data_ptr(), weight._version, dtype, weight.device)
+    key = (runtime.generation, weight.data_ptr(), weight._version, dtype, weight.device)
     cached = module.__dict__.get(_CACHE)
     if cached is None or cached[0] != key:
         cached = (key, compute_weight(weight, dtype))
@@ -92,14 +96,19 @@ def _routed_class(module: nn.Module) -> type | None:
     return None
 
 
-def route_shared_linears(blocks: Iterable[nn.Module]) -> int:
-    """Route every ``nn.Linear`` / ``Conv1D`` inside `blocks` (in place); returns how many were routed."""
+def route_shared_linears(blocks: Iterable[nn.Module], runtime: Any = None) -> int:
+    """Route every ``nn.Linear`` / ``Conv1D`` inside `blocks` (in place); returns how many were routed.
+
+    `runtime`: an object whose ``generation`` changes at every forward (apollo passes its ``StackRuntime``); with
+    it, each layer casts its weight to the compute dtype once per forward rather than once per use."""
     routed = 0
     for block in blocks:
         for module in block.modules():
             cls = _routed_class(module)
             if cls is not None:
                 module.__class__ = cls
+                if runtime is not None:
+                    module.__dict__[_RUNTIME] = runtime
                 routed += 1
     return routed
 
@@ -112,5 +121,6 @@ def unroute(root: nn.Module) -> int:
         if original is not None:
             module.__class__ = original
             module.__dict__.pop(_CACHE, None)
+            module.__dict__.pop(_RUNTIME, None)
             restored += 1
     return restored
