@@ -189,6 +189,7 @@ class Apollo(nn.Module):
             self._grow(optimizer)
         self._runtime.depth = self._sample(self.step_count)
         self._micro_batch = 0
+        self._runtime.cast_cache.clear()  # free the routed layers' bf16 copies between steps
 
     def restore_step(self, step: int) -> None:
         """Put the schedule at optimizer step `step` (stage, unique blocks, depth) without touching weights or

@@ -37,7 +37,7 @@ class StackRuntime:
         self.depth = self.layers
         self.growth = growth
         self.per_layer_values = dict(per_layer_values or {})
-        self.generation = 0  # counts forwards through the stack; caches valid for one forward key on it
+        self.cast_cache: dict = {}  # per-forward casts of routed weights (growops.ops.routing), emptied per forward
 
     @property
     def training(self) -> bool:
@@ -59,7 +59,7 @@ class StackRuntime:
     # the sharing never enter a graph and never trigger a recompile.
     @torch.compiler.disable
     def _selected(self, selection: slice) -> range:
-        self.generation += 1
+        self.cast_cache.clear()  # a new forward: weights may have changed since the last
         return range(len(self.mapping()))[selection]
 
     @torch.compiler.disable
@@ -67,6 +67,9 @@ class StackRuntime:
         block = self.blocks[self.mapping()[position]]
         self.place(block, position)
         return block
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "cast_cache": {}}  # casts are not state
 
     def place(self, block: nn.Module, position: int) -> None:
         """Give `block` the per-layer values of original layer `position`."""

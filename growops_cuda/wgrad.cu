@@ -35,8 +35,8 @@ cudaDataType_t cuda_type(at::ScalarType t) {
 bool lt_wgrad(const at::Tensor& g, const at::Tensor& x, at::Tensor& dw, float* bias) {
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   growops_cuda::WgradPlan plan;
-  if (!growops_cuda::plan_wgrad(handle, cuda_type(x.scalar_type()), x.size(0), x.size(1), g.size(1), bias,
-                                kWorkspaceBytes, plan)) {
+  if (!growops_cuda::plan_wgrad(handle, cuda_type(x.scalar_type()), x.size(0), x.size(1), g.size(1), g.data_ptr(),
+                                x.data_ptr(), dw.data_ptr<float>(), bias, kWorkspaceBytes, plan)) {
     return false;
   }
   at::Tensor workspace =

@@ -29,14 +29,25 @@ struct WgradPlan {
   cublasLtMatmulHeuristicResult_t heuristic = {};
 };
 
+// The largest power of two (at most 256) that divides the address: what cuBLASLt may assume about a pointer.
+inline uint32_t pointer_alignment(const void* p) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  uint32_t alignment = 1;
+  while (alignment < 256 && address % (2 * alignment) == 0) alignment *= 2;
+  return alignment;
+}
+
 // Plans dW = grad_out^T @ x in fp32 from `type` (CUDA_R_16BF or CUDA_R_16F) inputs; with `bias` non-null the
-// BGRADB epilogue writes db (fp32, one per output feature) there. Returns false where cuBLASLt has no algorithm.
+// BGRADB epilogue writes db (fp32, one per output feature) there. The pointers are only inspected for their
+// alignment (a contiguous view may start mid-allocation; cuBLASLt otherwise assumes 256 bytes). Returns false
+// where cuBLASLt has no algorithm.
 //
 // Column-major view of the row-major tensors: x (N, in) is A = (in x N), ld in; grad_out (N, out) is
 // B = (out x N), ld out, used transposed; dW (out, in) is D = (in x out), ld in. So D = A @ B^T with m = in,
 // n = out, k = N, and BGRADB reduces op(B) over k: one value per column of D, i.e. per output feature.
 inline bool plan_wgrad(cublasLtHandle_t handle, cudaDataType_t type, int64_t tokens, int64_t in, int64_t out,
-                       float* bias, size_t max_workspace, WgradPlan& plan) {
+                       const void* grad_out, const void* x, const float* dw, float* bias, size_t max_workspace,
+                       WgradPlan& plan) {
   LtDescriptors& h = plan.h;
   if (cublasLtMatmulDescCreate(&h.op, CUBLAS_COMPUTE_32F, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS) return false;
   const cublasOperation_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_T;
@@ -66,6 +77,18 @@ inline bool plan_wgrad(cublasLtHandle_t handle, cudaDataType_t type, int64_t tok
   }
   if (cublasLtMatmulPreferenceSetAttribute(h.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_workspace,
                                            sizeof(max_workspace)) != CUBLAS_STATUS_SUCCESS) {
+    return false;
+  }
+  // A is x, B is grad_out, C and D are dw.
+  const uint32_t align_a = pointer_alignment(x), align_b = pointer_alignment(grad_out), align_d = pointer_alignment(dw);
+  if (cublasLtMatmulPreferenceSetAttribute(h.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
+                                           sizeof(align_a)) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatmulPreferenceSetAttribute(h.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
+                                           sizeof(align_b)) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatmulPreferenceSetAttribute(h.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d,
+                                           sizeof(align_d)) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatmulPreferenceSetAttribute(h.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d,
+                                           sizeof(align_d)) != CUBLAS_STATUS_SUCCESS) {
     return false;
   }
   int found = 0;

@@ -40,25 +40,38 @@ def test_route_keeps_parameters_keys_and_outputs_and_unroute_leaves_no_trace():
 
 
 def test_the_cast_weight_is_reused_within_a_forward_and_renewed_at_the_next():
-    """The bf16 copy lives for one forward of the stack (the runtime's generation), not for one version of the
-    weight: fused AdamW updates parameters in place without bumping their version counter."""
+    """The bf16 copy lives for one forward of the stack (the runtime empties its cache when a forward starts), not
+    for one version of the weight: fused AdamW updates parameters in place without bumping their version counter."""
     torch.manual_seed(0)
-    counter = types.SimpleNamespace(generation=0)  # what a StackRuntime provides
+    runtime = types.SimpleNamespace(cast_cache={})  # what a StackRuntime provides
     layer = nn.Linear(8, 8)
-    route_shared_linears([layer], runtime=counter)
+    route_shared_linears([layer], runtime=runtime)
     opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
     x = torch.randn(4, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         first = layer(x)
-        cached = layer.__dict__["_growops_compute_weight"][1]
-        assert torch.equal(layer(x), first) and layer.__dict__["_growops_compute_weight"][1] is cached  # reused
+        cached = runtime.cast_cache[id(layer)][1]
+        assert torch.equal(layer(x), first) and runtime.cast_cache[id(layer)][1] is cached  # reused
     first.float().square().mean().backward()
     version = layer.weight._version
     opt.step()
     assert layer.weight._version == version  # why the version counter cannot be the key
-    counter.generation += 1  # the next forward
+    runtime.cast_cache.clear()  # the next forward
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_no_cast_is_cached_in_inference_mode():
+    runtime = types.SimpleNamespace(cast_cache={})
+    layer = nn.Linear(8, 8)
+    route_shared_linears([layer], runtime=runtime)
+    x = torch.randn(4, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert runtime.cast_cache == {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()  # would fail on a cached inference tensor
+    assert layer.weight.grad is not None
 
 
 def test_hf_gpt2_conv1d_is_routed_and_computes_the_same():
@@ -105,7 +118,7 @@ def test_apollo_shared_linear_trains_like_the_plain_path_and_exports_plain_modul
             losses[routed].append(loss.item())
         exported = a.export()
         assert not any(type(m) is SharedLinear for m in exported.modules())
-        assert not any("_growops_compute_weight" in m.__dict__ for m in exported.modules())
+        assert not any("_growops_runtime" in m.__dict__ for m in exported.modules())
         assert list(exported.state_dict()) == list(tiny_gpt(6).state_dict())
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 

@@ -1,7 +1,12 @@
 """growops::shared_linear and growops::linear_wgrad: the reference, fake and autograd registrations (CPU)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -96,3 +101,60 @@ def test_linear_wgrad_shapes_and_dtypes():
     assert dw.shape == (3, 2) and dw.dtype == torch.float32 and db.numel() == 0
     dw, db = linear_wgrad(torch.randn(0, 3), torch.randn(0, 2), True)  # no tokens: zero gradient
     assert torch.equal(dw, torch.zeros(3, 2)) and torch.equal(db, torch.zeros(3))
+
+
+def test_second_order_gradients_equal_f_linears():
+    """backward(create_graph=True) (a gradient penalty) runs differentiable ops and matches F.linear."""
+    grads = []
+    for fn in (F.linear, shared_linear):
+        torch.manual_seed(0)
+        x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        y = fn(x, w, b)
+        (gx,) = torch.autograd.grad(y.tanh().sum(), x, create_graph=True)
+        (y.square().sum() + gx.square().sum()).backward()
+        grads.append((w.grad, b.grad, x.grad))
+    for ours, theirs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_frozen_weight_trainable_bias():
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 4), torch.randn(3, 4)
+    b = torch.randn(3, requires_grad=True)
+    (shared_linear(x, w, b) * torch.arange(3.0)).sum().backward()
+    assert w.grad is None
+    torch.testing.assert_close(b.grad, torch.arange(3.0) * 6)
+
+
+def test_fp64_input_stays_fp64_under_autocast_like_f_linear():
+    x, w = torch.randn(2, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert shared_linear(x, w).dtype == F.linear(x, w).dtype == torch.float64
+
+
+DTENSOR_SCRIPT = """
+import os, tempfile, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from growops.ops import shared_linear
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+w = distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]).requires_grad_()
+x = distribute_tensor(torch.randn(3, 4), mesh, [Shard(0)])
+y = shared_linear(x, w)
+y.sum().backward()
+torch.testing.assert_close(y.full_tensor(), torch.nn.functional.linear(x.full_tensor(), w.full_tensor()))
+dist.destroy_process_group()
+print("dtensor ok")
+"""
+
+
+def test_dtensor_parameters_take_pytorchs_path():
+    """Tensor parallelism: the op has no sharding rule, so DTensors go through F.linear (1 process, gloo)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    out = subprocess.run([sys.executable, "-c", DTENSOR_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert out.returncode == 0 and "dtensor ok" in out.stdout, out.stderr[-3000:]

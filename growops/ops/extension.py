@@ -23,9 +23,15 @@ from torch import Tensor
 
 from .shared_linear import _wgrad_reference
 
-__all__ = ["disabled", "load", "status"]
+__all__ = ["disabled", "kernel_calls", "load", "status"]
 
-_state: dict = {"tried": False, "module": None, "why": "not tried yet", "enabled": True}
+_state: dict = {"tried": False, "module": None, "why": "not tried yet", "enabled": True, "kernel_calls": 0,
+                "warned_no_algorithm": False}
+
+
+def kernel_calls() -> int:
+    """How many times the CUDA kernel's result was used (tests check the kernel, not the fallback, ran)."""
+    return _state["kernel_calls"]
 
 
 @contextlib.contextmanager
@@ -134,5 +140,10 @@ def _linear_wgrad_cuda(grad_out: Tensor, x: Tensor, with_bias: bool) -> tuple[Te
     if module is not None:
         dw, db, path = module.linear_wgrad(grad_out, x, with_bias)
         if path >= 0:
+            _state["kernel_calls"] += 1
             return dw, db
+        if not _state["warned_no_algorithm"]:
+            _state["warned_no_algorithm"] = True
+            warnings.warn(f"growops: cuBLASLt offered no algorithm for linear_wgrad on {tuple(grad_out.shape)} x "
+                          f"{tuple(x.shape)} {x.dtype}; the reference serves such calls", stacklevel=2)
     return _wgrad_reference(grad_out, x, with_bias)

@@ -20,29 +20,32 @@ from .shared_linear import compute_weight, shared_linear
 
 __all__ = ["SharedLinear", "route_shared_linears", "unroute"]
 
-_CACHE = "_growops_compute_weight"  # instance attribute: (key, weight in the compute dtype)
-_RUNTIME = "_growops_runtime"  # instance attribute: what counts forwards (a StackRuntime), if routed by apollo
+_RUNTIME = "_growops_runtime"  # instance attribute: the StackRuntime whose forwards bound the cast cache
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def _cached_compute_weight(module: nn.Module, weight: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """The compute-dtype copy of `weight`, cast once per forward of the stack instead of once per use (autocast
-    caches its cast the same way, per autocast region). Valid for one forward: the key holds the runtime's forward
-    count, because a weight's version counter does not see every in-place update (fused AdamW on CPU bumps none).
-    None (cast per use) where no runtime counts forwards, and under torch.compile, where the cast is in the graph."""
+    """The compute-dtype copy of `weight`, cast once per forward of the stack instead of once per use, as autocast
+    caches its cast once per region. The cache lives in the runtime, which empties it when a forward starts and at
+    every ``a.step()``: nothing keys on the weight's version counter, which fused AdamW does not bump. None (cast
+    per use) without a runtime, under torch.compile (the cast is in the graph) and in inference mode (an inference
+    tensor must not be saved for a later training forward)."""
     runtime = module.__dict__.get(_RUNTIME)
-    if runtime is None or weight.dtype == dtype or torch.compiler.is_compiling():
+    if runtime is None or weight.dtype == dtype or torch.compiler.is_compiling() \
+            or torch.is_inference_mode_enabled():
         return None
-    key = (runtime.generation, weight.data_ptr(), weight._version, dtype, weight.device)
-    cached = module.__dict__.get(_CACHE)
-    if cached is None or cached[0] != key:
-        cached = (key, compute_weight(weight, dtype))
-        module.__dict__[_CACHE] = cached
-    return cached[1]
+    key = (dtype, weight.device, weight.data_ptr())
+    entry = runtime.cast_cache.get(id(module))
+    if entry is None or entry[0] != key:
+        entry = (key, compute_weight(weight, dtype))
+        runtime.cast_cache[id(module)] = entry
+    return entry[1]
 
 
 class SharedLinear(nn.Linear):
@@ -99,8 +102,8 @@ def _routed_class(module: nn.Module) -> type | None:
 def route_shared_linears(blocks: Iterable[nn.Module], runtime: Any = None) -> int:
     """Route every ``nn.Linear`` / ``Conv1D`` inside `blocks` (in place); returns how many were routed.
 
-    `runtime`: an object whose ``generation`` changes at every forward (apollo passes its ``StackRuntime``); with
-    it, each layer casts its weight to the compute dtype once per forward rather than once per use."""
+    `runtime`: an object with a dict ``cast_cache`` that is emptied when a forward starts (apollo passes its
+    ``StackRuntime``); with it, each layer casts its weight to the compute dtype once per forward, not per use."""
     routed = 0
     for block in blocks:
         for module in block.modules():
@@ -120,7 +123,8 @@ def unroute(root: nn.Module) -> int:
         original = type(module).__dict__.get("_growops_original")
         if original is not None:
             module.__class__ = original
-            module.__dict__.pop(_CACHE, None)
-            module.__dict__.pop(_RUNTIME, None)
+            runtime = module.__dict__.pop(_RUNTIME, None)
+            if runtime is not None:
+                runtime.cast_cache.pop(id(module), None)
             restored += 1
     return restored

@@ -51,7 +51,7 @@ def _wgrad_reference(grad_out: Tensor, x: Tensor, with_bias: bool) -> tuple[Tens
         # cuBLAS with fp32 output: low-precision inputs, fp32 accumulation, no fp32 copies of the inputs.
         try:
             dw = torch.mm(grad_out.t(), x, out_dtype=torch.float32)  # (out, in)
-        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=) for these inputs
+        except (NotImplementedError, TypeError):  # a torch without mm(out_dtype=) for these inputs
             _MM_OUT_DTYPE[0] = False
     if dw is None:
         # Products of bf16/fp16 values are exact in fp32, so upcasting first is the fp32-accumulation reference.
@@ -81,25 +81,39 @@ def _(x: Tensor, weight: Tensor, weight_lp: Tensor, bias: Tensor | None) -> Tens
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, weight_lp, bias = inputs
-    ctx.save_for_backward(x, weight_lp)
-    ctx.weight_dtype = weight.dtype
+    ctx.save_for_backward(x, weight_lp, weight)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad: Tensor):
-    x, weight_lp = ctx.saved_tensors
+    x, weight_lp, weight = ctx.saved_tensors
+    need_x, need_w, _, need_b = ctx.needs_input_grad
     grad = grad.to(x.dtype)
-    grad_x = grad @ weight_lp if ctx.needs_input_grad[0] else None  # (..., in)
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
+    acc = _accumulate_dtype(x.dtype)
+    if torch.is_grad_enabled():
+        # backward(create_graph=True), e.g. a gradient penalty: differentiable ops, the same values.
+        grad_x = grad @ weight.to(x.dtype) if need_x else None
+        grad_w = (g2.to(acc).t() @ x2.to(acc)).to(weight.dtype) if need_w else None
+        grad_b = g2.sum(0, dtype=acc).to(ctx.bias_dtype) if need_b else None
+        return grad_x, grad_w, None, grad_b
+    grad_x = grad @ weight_lp if need_x else None  # (..., in)
     grad_w = grad_b = None
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-        with_bias = ctx.bias_dtype is not None
-        dw, db = linear_wgrad(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), with_bias)
-        grad_w = dw.to(ctx.weight_dtype)  # fp32 for an fp32 parameter: the k uses are summed in fp32
-        grad_b = db.to(ctx.bias_dtype) if with_bias else None
+    if need_w:
+        dw, db = linear_wgrad(g2, x2, need_b)
+        grad_w = dw.to(weight.dtype)  # fp32 for an fp32 parameter: the k uses are summed in fp32
+        grad_b = db.to(ctx.bias_dtype) if need_b else None
+    elif need_b:  # a frozen weight with a trainable bias (BitFit): no weight GEMM
+        grad_b = g2.sum(0, dtype=acc).to(ctx.bias_dtype)
     return grad_x, grad_w, None, grad_b
 
 
 torch.library.register_autograd("growops::shared_linear", _backward, setup_context=_setup_context)
+
+
+def _is_dtensor(t: Tensor | None) -> bool:
+    # By name, so that checking never imports torch.distributed.
+    return t is not None and type(t).__name__ == "DTensor"
 
 
 def compute_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
@@ -117,9 +131,11 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, weight_
         >>> shared_linear(x, w).shape
         torch.Size([2, 5, 3])
     """
+    if _is_dtensor(x) or _is_dtensor(weight):
+        return F.linear(x, weight, bias)  # tensor parallelism: the op has no sharding rule, PyTorch's path has
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        x = x.to(torch.get_autocast_dtype(device_type))
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
+        x = x.to(torch.get_autocast_dtype(device_type))  # what autocast does to F.linear's input (fp64 stays)
     if weight_lp is None or weight_lp.dtype != x.dtype:
         weight_lp = compute_weight(weight, x.dtype)
     return _shared_linear(x, weight, weight_lp, bias)
