@@ -26,7 +26,9 @@ from examples import report  # noqa: E402
 from examples.train_shakespeare import TrainConfig  # noqa: E402
 
 CACHE = ROOT / "runs" / "regimes"
-APOLLO_ONLY = ("stages", "stage_fractions", "optimizer_state")  # fields that do not change the scratch arm
+APOLLO_ONLY = ("stages", "stage_fractions", "optimizer_state")
+# 1: CPU attention counted as 0 (no FlopCounterMode formula for the CPU flash kernel); 2: attention counted.
+FLOP_COUNTING = 2  # fields that do not change the scratch arm
 
 # The grid's own base (the first CPU preset), spelled out so that changing the preset keeps cached runs valid.
 BASE = TrainConfig(n_layer=12, n_embd=64, n_head=4, block_size=64, batch_size=16, steps=1000, lr=2e-3, min_lr_ratio=0.1,
@@ -84,6 +86,13 @@ GRIDS = {
         "long-lr16": dict(W32, steps=12000, fused_adamw=True, lr=1.6e-2, arms=MAIN),
         "long-lr8": dict(W32, steps=12000, fused_adamw=True, lr=8e-3, arms=()),
     },
+    # The long regime again with attention FLOPs counted on CPU (the cache key changed with the counting), plus
+    # later growth for Apollo (more of the run shallow) and the copy policy.
+    "long2": {
+        "long2-lr16": dict(W32, steps=12000, fused_adamw=True, lr=1.6e-2, arms=MAIN),
+        "long2-lr16-late": dict(W32, steps=12000, fused_adamw=True, lr=1.6e-2, stage_fractions=(0.1, 0.3, 0.6),
+                                arms=("apollo",)),
+    },
     # Each growing arm at its own peak lr (tuning the schedule is fair); scratch stays at its best, 1.6e-2.
     "arm-lr": {
         "lr8-early": dict(W32, lr=8e-3, stage_fractions=(0.05, 0.1, 0.25), arms=MAIN, scratch=dict(lr=1.6e-2)),
@@ -100,6 +109,8 @@ def key(cfg: TrainConfig, arm: str) -> str:
         del fields["fused_adamw"]  # runs from before the field existed used the for-loop AdamW: keep their keys
     if arm == "scratch":
         fields = {k: v for k, v in fields.items() if k not in APOLLO_ONLY}
+    if FLOP_COUNTING != 1:
+        fields["flop_counting"] = FLOP_COUNTING  # older runs keep their keys (and their counts)
     blob = json.dumps([arm, fields], sort_keys=True)
     return f"{arm}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 

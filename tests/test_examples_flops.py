@@ -1,5 +1,6 @@
 """examples/flops.py: FlopCounterMode per (unique, depth) configuration, attention included on CPU."""
 
+import pytest
 import torch
 
 import growops
@@ -7,10 +8,12 @@ from examples.flops import StepFlops
 from examples.gpt import GPT, GPTConfig
 
 
-def test_one_more_position_costs_exactly_one_blocks_matmuls_including_attention():
+@pytest.mark.parametrize("routed", [False, True])
+def test_one_more_position_costs_exactly_one_blocks_matmuls_including_attention(routed):
+    """Also with the blocks' linears routed through growops' custom ops, which register their FLOP formulas."""
     B, T, C = 2, 16, 32
     a = growops.apollo(GPT(GPTConfig(n_layer=4, n_embd=32, n_head=2, block_size=T)), stages=(1, 4),
-                       stage_steps=(5,), shared_linear=False)
+                       stage_steps=(5,), shared_linear=routed)
     batch = {"input_ids": torch.randint(0, 50, (B, T)), "labels": torch.randint(0, 50, (B, T))}
     before = (a.unique_layers, a.depth, a.step_count)
     flops = StepFlops(a, batch)

@@ -18,9 +18,12 @@ weight update rather than once per use (see ``compute_weight``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["compute_weight", "linear_wgrad", "shared_linear"]
 
@@ -109,6 +112,17 @@ def _backward(ctx, grad: Tensor):
 
 
 torch.library.register_autograd("growops::shared_linear", _backward, setup_context=_setup_context)
+
+
+# FlopCounterMode sees a custom op as one call it has no formula for (it would count 0): give it the GEMMs' FLOPs.
+@register_flop_formula(torch.ops.growops.shared_linear)
+def _shared_linear_flops(x_shape, weight_shape, weight_lp_shape, bias_shape, *args, **kwargs) -> int:
+    return 2 * math.prod(x_shape[:-1]) * weight_lp_shape[0] * weight_lp_shape[1]
+
+
+@register_flop_formula(torch.ops.growops.linear_wgrad)
+def _linear_wgrad_flops(grad_out_shape, x_shape, *args, **kwargs) -> int:
+    return 2 * grad_out_shape[0] * grad_out_shape[1] * x_shape[1]
 
 
 def _is_dtensor(t: Tensor | None) -> bool:
