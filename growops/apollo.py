@@ -255,13 +255,10 @@ class Apollo(nn.Module):
         self._runtime.unique, self._runtime.depth = int(state["unique"]), int(state["depth"])
         self._micro_batch = 0
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load weights and the schedule position; a state from another schedule or model raises a
-        GrowopsError before anything is changed (also when a wrapper such as DDP or torch.compile loads it)."""
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        """``load_state_dict`` restores weights and the schedule position; a state from another schedule or model
+        raises a GrowopsError before anything is changed (also when a wrapper such as DDP or compile loads it)."""
         # torch calls this on `a` before anything under it is loaded, whoever started the load (a.load_state_dict,
         # a DDP or compile wrapper's): checking the whole prefixed state here keeps a failed load from half-applying.
         own = {prefix + k: v for k, v in self.state_dict().items()}

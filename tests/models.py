@@ -109,3 +109,16 @@ class UntraceableIndexNet(IndexLoopNet):
         if x.dim() != 2:  # control flow on a traced value: symbolic_trace fails here, torch.export does not
             raise ValueError("expected (batch, 4) inputs")
         return super().forward(x)
+
+
+def train_steps(a, opt, n: int, loss_fn) -> list[float]:
+    """n optimizer steps of apollo model `a`; loss_fn(a, step) gives each step's loss. Returns the losses."""
+    out = []
+    for _ in range(n):
+        loss = loss_fn(a, a.step_count)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        a.step(opt)
+        out.append(loss.item())
+    return out

@@ -20,6 +20,7 @@ from tests.models import (
     UntraceableIndexNet,
     gpt_batch,
     tiny_gpt,
+    train_steps,
 )
 
 
@@ -260,15 +261,7 @@ def test_state_dict_round_trip_and_resume():
     batch = gpt_batch()
 
     def train(model, optimizer, n):
-        losses = []
-        for _ in range(n):
-            loss = _gpt_loss(model, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            model.step(optimizer)
-            losses.append(loss.item())
-        return losses
+        return train_steps(model, optimizer, n, lambda m, step: _gpt_loss(m, batch))
 
     train(a, opt, 3)
     saved = copy.deepcopy({"model": a.state_dict(), "opt": opt.state_dict()})

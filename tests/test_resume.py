@@ -8,7 +8,7 @@ import torch
 
 import growops
 from growops import GrowopsError
-from tests.models import IndexLoopNet, gpt_batch, tiny_gpt
+from tests.models import IndexLoopNet, gpt_batch, tiny_gpt, train_steps
 
 OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
@@ -26,18 +26,6 @@ def _loop():
     return growops.apollo(IndexLoopNet(4), stages=(1, 2, 4), stage_steps=(3, 6), seed=5)
 
 
-def _losses(a, opt, n, step_batch):
-    out = []
-    for _ in range(n):
-        loss = step_batch(a, a.step_count)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        a.step(opt)
-        out.append(loss.item())
-    return out
-
-
 def _gpt_loss(a, step):
     return a(**gpt_batch(seed=step)).loss
 
@@ -51,10 +39,10 @@ def _loop_loss(a, step):
 def test_resume_continues_identically_across_the_next_growth(make, loss_fn, optimizer):
     a = make()
     opt = OPTIMIZERS[optimizer](a.parameters())
-    _losses(a, opt, 4, loss_fn)  # past the first growth (step 3), before the second (step 6)
+    train_steps(a, opt, 4, loss_fn)  # past the first growth (step 3), before the second (step 6)
     buffer = io.BytesIO()
     torch.save({"model": a.state_dict(), "opt": opt.state_dict()}, buffer)
-    expected = _losses(a, opt, 5, loss_fn)  # crosses the growth at step 6
+    expected = train_steps(a, opt, 5, loss_fn)  # crosses the growth at step 6
 
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
@@ -63,7 +51,7 @@ def test_resume_continues_identically_across_the_next_growth(make, loss_fn, opti
     assert (b.step_count, b.stage, b.unique_layers) == (4, 1, 2)
     opt_b = OPTIMIZERS[optimizer](b.parameters())
     opt_b.load_state_dict(saved["opt"])
-    assert _losses(b, opt_b, 5, loss_fn) == pytest.approx(expected, rel=0, abs=1e-6)
+    assert train_steps(b, opt_b, 5, loss_fn) == pytest.approx(expected, rel=0, abs=1e-6)
     assert b.unique_layers == 4
 
 
@@ -165,7 +153,7 @@ def test_a_wrapper_loading_a_bad_state_raises_before_anything_under_apollo_chang
 
     a = _gpt()
     opt = torch.optim.AdamW(a.parameters(), lr=1e-2)
-    _losses(a, opt, 4, lambda m, step: m(**gpt_batch()).loss)  # past a growth
+    train_steps(a, opt, 4, lambda m, step: m(**gpt_batch()).loss)  # past a growth
     wrapped = Wrapper(a)
     before = copy.deepcopy(a.state_dict())
     state = Wrapper(_gpt()).state_dict()  # a fresh schedule: the right keys and shapes

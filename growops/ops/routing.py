@@ -16,18 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .shared_linear import compute_weight, shared_linear
+from .shared_linear import compute_dtype, compute_weight, shared_linear
 
 __all__ = ["SharedLinear", "route_shared_linears", "unroute"]
 
 _RUNTIME = "_growops_runtime"  # instance attribute: the StackRuntime whose forwards bound the cast cache
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
 
 
 def _cached_compute_weight(module: nn.Module, weight: Tensor, dtype: torch.dtype) -> Tensor | None:
@@ -54,13 +47,13 @@ class SharedLinear(nn.Linear):
     _growops_original = nn.Linear
 
     def forward(self, x: Tensor) -> Tensor:
-        lp = _cached_compute_weight(self, self.weight, _compute_dtype(x))
+        lp = _cached_compute_weight(self, self.weight, compute_dtype(x))
         return shared_linear(x, self.weight, self.bias, lp)
 
 
 def _conv1d_forward(self, x: Tensor) -> Tensor:
     # Hugging Face Conv1D: weight (in, out), y = x @ weight + bias.
-    lp = _cached_compute_weight(self, self.weight, _compute_dtype(x))
+    lp = _cached_compute_weight(self, self.weight, compute_dtype(x))
     return shared_linear(x, self.weight.t(), self.bias, None if lp is None else lp.t())
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["compute_weight", "linear_wgrad", "shared_linear"]
+__all__ = ["compute_dtype", "compute_weight", "linear_wgrad", "shared_linear"]
 
 
 # ---------------------------------------------------------------------------------------------------- linear_wgrad
@@ -130,6 +130,14 @@ def _is_dtensor(t: Tensor | None) -> bool:
     return t is not None and type(t).__name__ == "DTensor"
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype F.linear would compute in for input `x`: the autocast dtype under autocast (fp64 stays fp64)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def compute_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """``weight`` in `dtype`, detached: the copy the GEMMs read (the gradient goes to ``weight`` itself)."""
     return weight.detach() if weight.dtype == dtype else weight.detach().to(dtype)
@@ -147,9 +155,7 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, weight_
     """
     if _is_dtensor(x) or _is_dtensor(weight):
         return F.linear(x, weight, bias)  # tensor parallelism: the op has no sharding rule, PyTorch's path has
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
-        x = x.to(torch.get_autocast_dtype(device_type))  # what autocast does to F.linear's input (fp64 stays)
+    x = x.to(compute_dtype(x))
     if weight_lp is None or weight_lp.dtype != x.dtype:
         weight_lp = compute_weight(weight, x.dtype)
     return _shared_linear(x, weight, weight_lp, bias)
