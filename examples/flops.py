@@ -36,7 +36,7 @@ class StepFlops:
         model = copy.deepcopy(self.model)
         model.train()
         if isinstance(model, growops.Apollo):
-            model._runtime.unique, model._runtime.depth = unique, depth
+            model._configure(unique, depth)
         device = next(model.parameters()).device
         # FlopCounterMode has no formula for the CPU flash-attention kernel (it would count attention as 0): count
         # the math backend's matmuls instead, the same FLOPs the GPU kernels' formulas give.

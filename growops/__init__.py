@@ -9,15 +9,16 @@
     final = a.export()
 """
 
-from .apollo import Apollo, apollo
+from .apollo import Apollo, apollo, plan
 from .checkpoint import load_safetensors, save_safetensors
 from .errors import GrowopsError, GrowopsTypeError
 from .fx import BlockStack, find_block_stacks, insert_depth_gate, tie_blocks, trace_model
 from .growth import expand_blocks
 from .maps import depth_map, growth_sources
 from .optim_state import remap_optimizer_state
+from .plan import Plan
 from .schedule import lvps_depth
 
-__all__ = ["Apollo", "BlockStack", "GrowopsError", "GrowopsTypeError", "apollo", "depth_map", "expand_blocks",
-           "find_block_stacks", "growth_sources", "insert_depth_gate", "load_safetensors", "lvps_depth",
+__all__ = ["Apollo", "BlockStack", "GrowopsError", "GrowopsTypeError", "Plan", "apollo", "depth_map", "expand_blocks",
+           "find_block_stacks", "growth_sources", "insert_depth_gate", "load_safetensors", "lvps_depth", "plan",
            "remap_optimizer_state", "save_safetensors", "tie_blocks", "trace_model"]

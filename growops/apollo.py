@@ -1,9 +1,10 @@
 """``growops.apollo``: wrap a model once, train as usual, get the model back grown.
 
-The wrapper keeps the user's model object. It finds the block stack in an FX graph of the model, then
-either replaces the block container in place (models whose forward iterates it: Hugging Face, nanoGPT) or,
-for models that index their blocks, runs an FX graph whose chain of block calls is replaced by a depth gate.
-Either way a ``StackRuntime`` decides which block runs at each position; ``step()`` moves the schedule.
+The wrapper keeps the user's model object. ``growops.plan`` finds the block stack(s) and decides how to run them
+(``growops.plan``); the wrapper applies the plan: either the model's own block container runs the positions (models
+whose forward iterates it: Hugging Face, nanoGPT), or an FX graph whose chain of block calls is replaced by a depth
+gate runs instead. Either way one ``StackRuntime`` per stack decides which block runs at each position; ``step()``
+moves the schedule, growing at stage boundaries.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,43 +20,51 @@ import torch
 from torch import fx, nn
 
 from .errors import GrowopsError, GrowopsTypeError
-from .fx.analysis import BlockStack, analyse, called_blocks, repeated_containers
 from .fx.passes import GATE, insert_depth_gate
-from .fx.trace import TracedModel, trace_model
-from .growth import copy_blocks
+from .fx.trace import first_line, symbolic_trace
+from .growth import copy_units
 from .maps import check_growth, depth_map, growth_sources, preserves_function
 from .ops.routing import route_shared_linears, unroute
-from .optim_state import check_policy, remap_optimizer_state
+from .optim_state import check_optimizer, check_policy, remap_optimizer_state, unheld
+from .plan import Plan, check_plan, make_plan
 from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
-from .stack import StackRuntime, shared_container
+from .stack import StackRuntime, mark, scope_forwards, share, unscope, unshare
+from .state import EXTRA, STATE_VERSION, check_fingerprint, check_position, check_tensors, sampler_identity
 
-STATE_VERSION = 1
 RESAMPLE: tuple[str, ...] = ("step", "micro_batch")
 
 
 def apollo(model: nn.Module, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 10000), sampler: SamplerSpec = "lvps",
-           growth: str = "interpolate", optimizer_state: str = "reset", seed: int = 0, stack: str | None = None,
-           example_inputs: Any = None, resample: str = "step", shared_linear: bool | str = "auto") -> Apollo:
+           growth: str = "interpolate", optimizer_state: str = "reset", seed: int = 0,
+           stack: str | Sequence[str] | None = None, example_inputs: Any = None, resample: str = "step",
+           shared_linear: bool | str = "auto", plan: Plan | None = None) -> Apollo:
     """Wrap `model` for Apollo progressive training.
 
-    stages: unique blocks per stage, strictly increasing, the last equal to the model's L blocks.
+    stages: unique blocks (growable units) per stage, strictly increasing, the last equal to the model's L.
     stage_steps: the optimizer step at which each later stage begins (``len(stages) - 1`` values).
     sampler: ``"lvps"``, ``"uniform"``, ``"full"``, ``"unique"`` or a callable ``(unique, L, rng) -> depth``.
     growth: ``"interpolate"`` or ``"stack"`` (see ``growops.maps``).
     optimizer_state: ``"reset"``, ``"copy"`` or ``"keep"``, applied at growth by ``step(optimizer)``.
     seed: the depth at step t is drawn from a generator seeded by ``(seed, t)``.
-    stack: the block container's module path, when the model holds several stacks.
+    stack: the block container's module path when the model holds several stacks, or a tuple of paths to grow
+        several stacks together (same L, one schedule).
     example_inputs: inputs for ``torch.export`` when the model does not symbolically trace; defaults to the
-        model's ``dummy_inputs`` (Hugging Face convention).
+        model's ``dummy_inputs``, then (Hugging Face models) inputs built from its config.
     resample: ``"step"`` (one depth per optimizer step, so every micro-batch of a gradient-accumulation step runs
         the same depth) or ``"micro_batch"`` (the authors' code: each training forward draws its own depth, from
         ``(seed, step, k)`` for the k-th forward of the step).
     shared_linear: route the blocks' ``nn.Linear`` / ``Conv1D`` layers through ``growops.ops.shared_linear``, whose
         weight gradients are summed over a shared block's uses in fp32 (autocast sums them in bf16), with the
         ``growops_cuda`` kernel where it builds. ``"auto"`` (default): where CUDA is available; ``True``; ``False``.
+    plan: a ``growops.plan(model)`` result, possibly edited (``plan.declare(...)``); found from the model if None.
     """
     return Apollo(model, stages, stage_steps, sampler, growth, optimizer_state, seed, stack, example_inputs, resample,
-                  shared_linear)
+                  shared_linear, plan)
+
+
+def plan(model: nn.Module, stack: str | Sequence[str] | None = None, example_inputs: Any = None) -> Plan:
+    """What ``apollo`` would do to `model`, without changing it: print it, edit it, pass it as ``plan=``."""
+    return make_plan(model, stack, example_inputs)
 
 
 class _Forward:
@@ -73,24 +83,26 @@ class Apollo(nn.Module):
     """A model under Apollo progressive training; build it with ``growops.apollo``.
 
     ``a(...)`` takes and returns what the model does. In training it runs ``a.depth`` positions sharing the
-    first ``a.unique_layers`` blocks; in evaluation it runs all L positions with the same sharing.
+    first ``a.unique_layers`` growable units; in evaluation it runs all L positions with the same sharing.
     Call ``a.step(optimizer)`` once per optimizer step.
     """
 
     def __init__(self, model: nn.Module, stages, stage_steps, sampler: SamplerSpec = "lvps",
                  growth: str = "interpolate", optimizer_state: str = "reset", seed: int = 0,
-                 stack: str | None = None, example_inputs: Any = None, resample: str = "step",
-                 shared_linear: bool | str = "auto"):
+                 stack: str | Sequence[str] | None = None, example_inputs: Any = None, resample: str = "step",
+                 shared_linear: bool | str = "auto", plan: Plan | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise GrowopsTypeError(f"apollo wraps an nn.Module, got {type(model).__name__}")
         if isinstance(model, Apollo):
-            raise GrowopsError("this model is already wrapped by growops.apollo: wrap the original model once")
+            raise GrowopsError("this model is already wrapped by growops.apollo: wrap the original model once "
+                               "(a.model is the model; a.export() gives a plain grown copy)")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise GrowopsError(f"seed must be a non-negative int, got {seed!r}")
         self._growth = check_growth(growth)
         self._policy = check_policy(optimizer_state)
         self._sampler_name, self._sampler = resolve_sampler(sampler)
+        self._sampler_id = sampler_identity(self._sampler_name, sampler)
         self._seed = seed
         if resample not in RESAMPLE:
             raise GrowopsError(f"unknown resample {resample!r}: use one of {', '.join(map(repr, RESAMPLE))}")
@@ -98,27 +110,33 @@ class Apollo(nn.Module):
         if not (isinstance(shared_linear, bool) or shared_linear == "auto"):
             raise GrowopsError(f"shared_linear must be True, False or 'auto', got {shared_linear!r}")
 
-        found, traced = _locate_stack(model, stack, example_inputs)
-        self._schedule = Schedule.checked(stages, stage_steps, found.depth)
-        self._stack = found
+        if plan is None:
+            plan = make_plan(model, stack, example_inputs)
+        else:
+            check_plan(model, plan)
+            if stack is not None and tuple([stack] if isinstance(stack, str) else stack) != plan.paths:
+                raise GrowopsError(f"stack={stack!r} differs from the plan's stacks {plan.paths}: pass one of them")
+        _refuse_undecided(plan)
         # Everything that can reject the arguments runs before the model is touched.
-        depth = _draw(self._sampler, self._sampler_name, self._schedule.stages[0], found.depth, seed, 0)
-        if not found.path:
-            raise GrowopsError(f"{type(model).__name__} is itself the block container: wrap it in a module that "
-                               "holds it as an attribute (e.g. self.blocks) and calls it")
+        try:
+            self._schedule = Schedule.checked(stages, stage_steps, plan.layers)
+        except GrowopsError as e:
+            raise type(e)(f"{e} ({'; '.join(s.describe() for s in plan.stacks)})") from None
+        depth = _draw(self._sampler, self._sampler_name, self._schedule.stages[0], plan.layers, seed, 0)
         _warn_non_multiples(self._schedule.stages, growth)
 
+        self._plan = plan
         self.model = model
-        self._swap = None  # (parent, name, original container) when the container was replaced
-        self._graph = None  # a _GraphRunner when the model indexes its blocks
-        self._install(model, found, traced, example_inputs)
+        self._graph = None  # a _GraphRunner in graph mode
+        self._runtimes = self._install(model, plan)
         if shared_linear is True or (shared_linear == "auto" and torch.cuda.is_available()):
-            route_shared_linears(self._runtime.blocks, runtime=self._runtime)
+            for runtime in self._runtimes:
+                route_shared_linears(runtime.blocks, runtime=runtime)
+                runtime.route_replacements = True
         self.forward = _Forward(self, _signature(model))
         self.step_count = 0
         self.stage = 0
-        self._runtime.unique = self._schedule.stages[0]
-        self._runtime.depth = depth
+        self._configure(self._schedule.stages[0], depth)
         self._micro_batch = 0  # training forwards since the last step(), for resample="micro_batch"
         self._warned = set()
 
@@ -126,31 +144,35 @@ class Apollo(nn.Module):
     @property
     def depth(self) -> int:
         """Positions run in training at this step (evaluation always runs all L)."""
-        return self._runtime.depth
+        return self._runtimes[0].depth
 
     @property
     def unique_layers(self) -> int:
-        """Blocks with their own weights in the current stage (the model's first ones)."""
-        return self._runtime.unique
+        """Growable units with their own weights in the current stage (the model's first ones)."""
+        return self._runtimes[0].unique
 
     @property
     def layers(self) -> int:
-        """L, the model's full depth."""
-        return self._runtime.layers
+        """L, the number of growable units."""
+        return self._runtimes[0].layers
 
     @property
-    def block_stack(self) -> BlockStack:
-        """What the FX analysis found: the container, its blocks, shared inputs and per-layer values."""
-        return self._stack
+    def plan(self) -> Plan:
+        """What growops found and applies: stacks, fixed blocks, growable units, per-layer values, mode."""
+        return self._plan
 
     @property
     def mode(self) -> str:
-        """``"container"`` (the block container was replaced in place) or ``"graph"`` (an FX graph runs)."""
-        return "graph" if self._graph is not None else "container"
+        """``"container"`` (the block container runs the positions) or ``"graph"`` (an FX graph runs)."""
+        return self._plan.mode
 
     def mapping(self) -> tuple[int, ...]:
-        """The block each position runs now (training depth in train mode, L in eval mode)."""
-        return self._runtime.mapping()
+        """The unit each position runs now (training depth in train mode, L in eval mode)."""
+        return self._runtimes[0].mapping()
+
+    def _configure(self, unique: int, depth: int) -> None:
+        for runtime in self._runtimes:
+            runtime.unique, runtime.depth = unique, depth
 
     # ---------------------------------------------------------------- running
     def _run(self, *args, **kwargs):
@@ -165,211 +187,211 @@ class Apollo(nn.Module):
     def _next_micro_batch(self) -> None:
         """resample="micro_batch": the k-th training forward of a step runs a depth drawn from (seed, step, k)."""
         if self._micro_batch:
-            self._runtime.depth = _draw(self._sampler, self._sampler_name, self._runtime.unique,
-                                        self._runtime.layers, self._seed, self.step_count, self._micro_batch)
+            self._configure(self.unique_layers, _draw(self._sampler, self._sampler_name, self.unique_layers,
+                                                      self.layers, self._seed, self.step_count, self._micro_batch))
         self._micro_batch += 1
 
     def _check_checkpointing(self) -> None:
-        """Warn once if gradient checkpointing is on and would recompute shared blocks with wrong per-layer values."""
-        if "checkpointing" in self._warned or not _checkpointing(self.model):
+        """Warn once if activation checkpointing is on and would recompute shared blocks with other per-layer values
+        than they ran with (only ``layer_idx``, used by KV caches, is harmless in training)."""
+        if "checkpointing" in self._warned or not _checkpointing(self.model, self._runtimes):
             return
         self._warned.add("checkpointing")
-        others = sorted(k for k in self._runtime.per_layer_values if not k.endswith("layer_idx"))
+        others = sorted(k for s in self._plan.stacks for k in s.per_layer_values if not k.endswith("layer_idx"))
         if others:
-            warnings.warn(f"growops: gradient checkpointing recomputes shared blocks with the per-layer values of the "
-                          f"last position that ran them ({', '.join(others)}), so their gradients are approximate; "
-                          "turn checkpointing off while blocks are shared", stacklevel=3)
+            warnings.warn(f"growops: activation checkpointing recomputes shared blocks in the backward with each "
+                          f"block's own per-layer values ({', '.join(others)}), not those of the position that ran "
+                          "them, so their gradients are approximate; turn checkpointing off while blocks are shared",
+                          stacklevel=3)
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Count one optimizer step; grow at a stage boundary (applying the optimizer-state policy to
-        `optimizer`); then draw the next step's depth from ``(seed, step)``."""
-        self.step_count += 1
-        target = self._schedule.stage_at(self.step_count)
+        `optimizer`); then draw the next step's depth from ``(seed, step)``. Everything is checked first: after an
+        error the step count, weights and optimizer state are as before."""
+        check_optimizer(optimizer)
+        step = self.step_count + 1
+        target = self._schedule.stage_at(step)
+        depth = self._sample(self._schedule.stages[target], step)
+        for runtime in self._runtimes:
+            runtime.sync()
         while self.stage < target:
             self._grow(optimizer)
-        self._runtime.depth = self._sample(self.step_count)
+        self.step_count = step
+        self._configure(self.unique_layers, depth)
         self._micro_batch = 0
-        self._runtime.cast_cache.clear()  # free the routed layers' bf16 copies between steps
+        for runtime in self._runtimes:
+            runtime.cast_cache.clear()  # free the routed layers' bf16 copies between steps
 
     def restore_step(self, step: int) -> None:
         """Put the schedule at optimizer step `step` (stage, unique blocks, depth) without touching weights or
         optimizer state: for weights restored from a checkpoint of that step by other means (a Trainer checkpoint,
         say). Prefer ``load_state_dict``, which checks that the state belongs to this schedule."""
-        if not isinstance(step, int) or step < 0:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise GrowopsError(f"restore_step needs a non-negative int step, got {step!r}")
-        self.step_count, self.stage = step, self._schedule.stage_at(step)
-        self._runtime.unique = self._schedule.stages[self.stage]
-        self._runtime.depth = self._sample(step)
+        stage = self._schedule.stage_at(step)
+        depth = self._sample(self._schedule.stages[stage], step)
+        self.step_count, self.stage = step, stage
+        self._configure(self._schedule.stages[stage], depth)
         self._micro_batch = 0
 
     def _grow(self, optimizer: torch.optim.Optimizer | None) -> None:
-        n_old, n_new = self._runtime.unique, self._schedule.stages[self.stage + 1]
+        n_old, n_new = self.unique_layers, self._schedule.stages[self.stage + 1]
         sources = growth_sources(n_old, n_new, self._growth)
-        copy_blocks(self._runtime.blocks, sources)
+        for runtime in self._runtimes:
+            units = runtime.units()
+            copy_units(units, sources, runtime.per_layer)
+            if optimizer is not None:
+                remap_optimizer_state(optimizer, units, sources, self._policy)
         if optimizer is not None:
-            remap_optimizer_state(optimizer, self._runtime.blocks, sources, self._policy)
+            self._warn_unheld(optimizer, n_new)
         elif self._policy != "keep" and "optimizer" not in self._warned:
             self._warned.add("optimizer")
             warnings.warn(f"growops: the model grew without an optimizer, so optimizer_state={self._policy!r} was "
                           "not applied; call a.step(optimizer) so grown blocks get the right optimizer state",
                           stacklevel=3)
-        self._runtime.unique = n_new
+        self._configure(n_new, self.depth)
         self.stage += 1
 
-    def _sample(self, step: int) -> int:
-        return _draw(self._sampler, self._sampler_name, self._runtime.unique, self._runtime.layers, self._seed, step)
+    def _warn_unheld(self, optimizer: torch.optim.Optimizer, live: int) -> None:
+        """Warn once if the optimizer lacks parameters of live units: they would never train."""
+        if "unheld" in self._warned:
+            return
+        named = [(f"{r.path}.{r.names[i]}.{n}", p) for r in self._runtimes for u in range(live)
+                 for i in r.layout.unit(u) for n, p in r.blocks[i].named_parameters()]
+        missing = unheld(optimizer, named)
+        if missing:
+            self._warned.add("unheld")
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            warnings.warn(f"growops: the optimizer does not hold {', '.join(missing[:5])}{more}: these blocks are live "
+                          "now but will never train. Build the optimizer over a.parameters() (every block, live "
+                          "or not)", stacklevel=4)
+
+    def _sample(self, unique: int, step: int) -> int:
+        return _draw(self._sampler, self._sampler_name, unique, self.layers, self._seed, step)
 
     # ---------------------------------------------------------------- export
     def export(self) -> nn.Module:
-        """A copy of the model in its own class at full depth: L untied blocks, position i holding a copy of the
-        block it runs now, per-layer values (``layer_idx``) renumbered by position, original state_dict keys."""
-        if self._swap is not None:
-            parent, name, original = self._swap
-            shared = getattr(parent, name)
-            setattr(parent, name, original)
-            try:
-                out = copy.deepcopy(self.model)
-            finally:
-                setattr(parent, name, shared)
-        else:
-            out = copy.deepcopy(self.model)
+        """A copy of the model in its own class at full depth: L untied units, position i holding a copy of the
+        unit it runs now, fixed blocks and every block's per-layer values as they are, original state_dict keys."""
+        out = copy.deepcopy(self.model)
+        for s in self._plan.stacks:
+            unshare(out.get_submodule(s.path))
+        unscope(out)
         unroute(out)
-        container = out.get_submodule(self._stack.path)
-        names = list(container._modules)
-        blocks = [container._modules[n] for n in names]
-        runtime = StackRuntime(blocks, self._runtime.per_layer_values)
-        for position, (name, index) in enumerate(zip(names, depth_map(self.unique_layers, self.layers, self._growth))):
-            block = copy.deepcopy(blocks[index])
-            runtime.place(block, position)
-            container._modules[name] = block
+        full = depth_map(self.unique_layers, self.layers, self._growth)
+        for s, runtime in zip(self._plan.stacks, self._runtimes):
+            units = [[out.get_submodule(b) for b in s.unit(u)] for u in range(s.layers)]
+            copy_units(units, full, runtime.per_layer)
         return out
 
     # ---------------------------------------------------------------- state
     def get_extra_state(self) -> dict:
         return {"version": STATE_VERSION, "step": self.step_count, "stage": self.stage,
-                "unique": self._runtime.unique, "depth": self._runtime.depth, **self._fingerprint()}
+                "unique": self.unique_layers, "depth": self.depth, **self._fingerprint()}
 
     def set_extra_state(self, state: dict) -> None:
         self._check_state(state)
-        self.step_count, self.stage = int(state["step"]), int(state["stage"])
-        self._runtime.unique, self._runtime.depth = int(state["unique"]), int(state["depth"])
+        self.step_count, self.stage = state["step"], state["stage"]
+        self._configure(state["unique"], state["depth"])
         self._micro_batch = 0
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Restore weights and the schedule position. The whole state is checked before anything is written: a
+        state from another schedule or model raises a GrowopsError and changes nothing."""
+        self.__dict__["_strict_load"] = strict  # torch passes strict=True down to _load_from_state_dict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self.__dict__.pop("_strict_load", None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """``load_state_dict`` restores weights and the schedule position; a state from another schedule or model
-        raises a GrowopsError before anything is changed (also when a wrapper such as DDP or compile loads it)."""
         # torch calls this on `a` before anything under it is loaded, whoever started the load (a.load_state_dict,
-        # a DDP or compile wrapper's): checking the whole prefixed state here keeps a failed load from half-applying.
-        own = {prefix + k: v for k, v in self.state_dict().items()}
-        mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-        key = prefix + "_extra_state"
-        if key not in mine:
-            raise GrowopsError(f"this state_dict has no growops schedule (key {key!r}): load a plain model's weights "
-                               "with a.model.load_state_dict(...), or save with a.state_dict()")
-        self._check_state(mine[key])
-        if strict:
-            missing, unexpected = sorted(set(own) - set(mine)), sorted(set(mine) - set(own))
-            if missing or unexpected:
-                raise GrowopsError(f"state_dict does not match this model: missing {missing[:5]}, unexpected "
-                                   f"{unexpected[:5]}; was it saved from another model?")
-        for k, v in mine.items():
-            if isinstance(v, torch.Tensor) and k in own and own[k].shape != v.shape:
-                raise GrowopsError(f"state_dict entry {k} has shape {tuple(v.shape)}, this model's has "
-                                   f"{tuple(own[k].shape)}; was it saved from another model?")
+        # a DDP or compile wrapper's, which load strictly): checking the whole state here keeps a failed load from
+        # half-applying.
+        strict = self.__dict__.get("_strict_load", True)
+        incoming = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if EXTRA in incoming:
+            self._check_state(incoming[EXTRA])
+        elif strict:
+            raise GrowopsError(f"this state_dict has no growops schedule (key {prefix + EXTRA!r}): load a plain "
+                               "model's weights with a.model.load_state_dict(...), or save with a.state_dict()")
+        check_tensors(self.state_dict(), incoming, strict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def _fingerprint(self) -> dict:
         return {"stages": list(self._schedule.stages), "stage_steps": list(self._schedule.stage_steps),
-                "layers": self._runtime.layers, "growth": self._growth, "sampler": self._sampler_name,
-                "seed": self._seed, "stack": self._stack.path, "resample": self._resample}
+                "layers": self.layers, "growth": self._growth, **self._sampler_id, "seed": self._seed,
+                "stack": list(self._plan.paths), "resample": self._resample, "optimizer_state": self._policy}
 
     def _check_state(self, state) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise GrowopsError(f"unrecognised growops state {state!r}: expected a dict saved by a.state_dict()")
-        mine = self._fingerprint()
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if diff:
-            detail = "; ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in diff.items())
-            raise GrowopsError(f"this state was saved under another schedule or model ({detail}); build apollo with "
-                               "the same arguments and model to resume")
+        check_fingerprint(state, self._fingerprint())
+        check_position(state, self._schedule, self.layers)
 
     # ---------------------------------------------------------------- installation
-    def _install(self, model: nn.Module, found: BlockStack, traced: TracedModel, example_inputs: Any) -> None:
-        """Container mode where the forward iterates the container, else graph mode; nothing stays half-applied."""
-        parent_path, _, name = found.path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        original = getattr(parent, name)
-        runtime = StackRuntime([model.get_submodule(b) for b in found.blocks], found.per_layer_values, self._growth)
-        shared = shared_container(original, runtime)
-        if shared is not None:
-            setattr(parent, name, shared)
-            try:
-                works = _iterates_container(model, found, runtime, traced, example_inputs)
-            except BaseException:
-                setattr(parent, name, original)
-                raise
-            if works:
-                self._swap, self._runtime = (parent, name, original), runtime
-                return
-            setattr(parent, name, original)
-        if traced.kind != "symbolic":
+    def _install(self, model: nn.Module, plan: Plan) -> list[StackRuntime]:
+        """Container mode: each container runs its positions inside the model's forward. Graph mode: FX graphs with a
+        depth gate per stack. Nothing stays half-applied."""
+        runtimes = [StackRuntime(model.get_submodule(s.path), s.layout, s.per_layer_values, self._growth, s.path)
+                    for s in plan.stacks]
+        if plan.mode == "container":
+            for s, runtime in zip(plan.stacks, runtimes):
+                share(runtime.container, runtime)
+                scope_forwards(runtime, _ancestors(model, s.path))
+            return runtimes
+        leaves = {model.get_submodule(b) for s in plan.stacks for b in s.blocks}
+        graphs = {}
+        for training in (False, True):
+            # Code outside the blocks may read self.training (dropout, say): one graph per mode, shared runtimes.
+            gm = _symbolic_graph(model, leaves, training, plan)
+            for i, (s, runtime) in enumerate(zip(plan.stacks, runtimes)):
+                insert_depth_gate(gm, s, inplace=True, runtime=runtime, name=GATE if i == 0 else f"{GATE}_{i}")
+            graphs[training] = gm
+        for runtime in runtimes:
+            mark(runtime.container, runtime)
+        self._graph = _GraphRunner(model, graphs)
+        return runtimes
+
+
+def _refuse_undecided(plan: Plan) -> None:
+    for s in plan.stacks:
+        if s.undecided_values:
+            path, values = next(iter(s.undecided_values.items()))
+            kinds = sorted({type(v).__name__ for v in values})
             raise GrowopsError(
-                f"cannot change the depth of {type(model).__name__}: its forward does not iterate {found.path} "
-                f"(a {type(original).__name__}), and graph rewriting needs torch.fx.symbolic_trace, which failed "
-                f"({traced.symbolic_error}). Iterate the container in forward (`for block in self.{name}: ...`) "
-                "or make the forward symbolically traceable")
-        # Code outside the blocks may read self.training (dropout, say): one graph per mode, one shared runtime.
-        graphs = {False: insert_depth_gate(traced.graph_module, found, inplace=True, runtime=runtime)}
-        train_graph = trace_model(model, set(runtime.blocks), training=True).graph_module
-        graphs[True] = insert_depth_gate(train_graph, found, inplace=True, runtime=runtime)
-        self._graph, self._runtime = _GraphRunner(model, graphs), runtime
+                f"{s.path}: the blocks hold different values at {path} ({', '.join(kinds)} objects growops cannot "
+                f"compare), so growops cannot tell whether position i must use block i's (a per-layer value) or any "
+                f"block's (part of the block). Declare it: p = growops.plan(model); "
+                f"p = p.declare(per_layer=[{path!r}]) (or constant=[...]); growops.apollo(model, ..., plan=p)")
 
 
-def _locate_stack(model: nn.Module, stack: str | None, example_inputs: Any) -> tuple[BlockStack, TracedModel]:
-    containers = repeated_containers(model)
-    if not containers:
-        raise GrowopsError(f"no repeated block stack in {type(model).__name__}: searched every module for one whose "
-                           "children (two or more) are structurally identical (same classes, parameter names and "
-                           "shapes) and found none; growops needs a stack of identical blocks, e.g. nn.ModuleList")
-    if stack is not None and stack not in containers:
-        raise GrowopsError(f"stack={stack!r} is not a container of identical blocks in {type(model).__name__}; "
-                           f"candidates: {sorted(containers)}")
-    leaves = {model.get_submodule(b) for blocks in containers.values() for b in blocks}
-    traced = trace_model(model, leaves, example_inputs)
-    stacks, notes = analyse(traced.graph_module, model)
-    why = "; ".join(notes) or "none"
-    if stack is not None:
-        chosen = [s for s in stacks if s.path == stack]
-        if not chosen:
-            raise GrowopsError(f"stack={stack!r} is not a chain of blocks in the traced forward ({why})")
-        return chosen[0], traced
-    if not stacks:
-        raise GrowopsError(f"no repeated block stack in {type(model).__name__}: containers of identical modules were "
-                           f"found but none is called as a chain in the traced forward ({why})")
-    if len(stacks) > 1:
-        listing = ", ".join(f"{s.path!r} ({s.depth} blocks)" for s in stacks)
-        raise GrowopsError(f"{type(model).__name__} holds several block stacks: {listing}; choose one with stack=...")
-    return stacks[0], traced
+def _ancestors(model: nn.Module, path: str) -> list[nn.Module]:
+    """The modules from the root down to the module at `path`, both included."""
+    parts = path.split(".") if path else []
+    return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
 
 
-def _iterates_container(model, found: BlockStack, runtime: StackRuntime, traced: TracedModel, example_inputs) -> bool:
-    """Probe: trace again with the shared container set to one position; did only block 0 run?"""
-    runtime.unique = runtime.depth = 1
+def _symbolic_graph(model: nn.Module, leaves: set, training: bool, plan: Plan) -> fx.GraphModule:
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
     try:
-        probe = trace_model(model, set(runtime.blocks), example_inputs)
-    except GrowopsError:
-        return False
+        return symbolic_trace(model, leaves)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: explain what graph mode needs
+        raise GrowopsError(
+            f"cannot change the depth of {type(model).__name__}: its forward does not iterate {', '.join(plan.paths)}, "
+            f"and graph rewriting needs torch.fx.symbolic_trace, which failed ({first_line(e)}). Iterate the "
+            "container in forward (`for block in self.layers: ...`) or make the forward symbolically traceable") \
+            from None
     finally:
-        runtime.unique = runtime.depth = runtime.layers
-    return called_blocks(probe.graph_module, found.blocks) == [0]
+        for m, mode in modes.items():
+            m.training = mode
 
 
 class _GraphRunner:
-    """Graph mode: the model's forward as FX graphs with the block chain replaced by a gate, one per training mode,
-    run on the model's *current* tensors (``model.to()`` or a reassigned buffer replaces tensors, which a
-    GraphModule would otherwise keep stale copies of)."""
+    """Graph mode: the model's forward as FX graphs with the block chains replaced by gates, one per training mode,
+    run on the model's *current* tensors and modules (``model.to()``, a reassigned buffer or a replaced block
+    replaces objects, which a GraphModule would otherwise keep stale copies of)."""
 
     def __init__(self, model: nn.Module, graphs: dict[bool, fx.GraphModule]):
         self.model, self.graphs = model, graphs
@@ -379,15 +401,15 @@ class _GraphRunner:
         mode = self.model.training
         template = self.graphs[mode]
         attrs = [n.target for n in template.graph.nodes if n.op == "get_attr"]
-        tensors = [_resolve(self.model, t) for t in attrs]
-        ids = tuple(map(id, tensors))
+        modules = [n.target for n in template.graph.nodes if n.op == "call_module" and not n.target.startswith(GATE)]
+        current = [_resolve(self.model, t) for t in attrs] + [self.model.get_submodule(t) for t in modules]
+        ids = tuple(map(id, current))
         bound = self._bound.get(mode)
         if bound is None or bound[0] != ids:
-            root = dict(zip(attrs, tensors))
+            root = dict(zip(attrs + modules, current))
             for node in template.graph.nodes:
-                if node.op == "call_module":
-                    root[node.target] = getattr(template, GATE) if node.target == GATE else \
-                        self.model.get_submodule(node.target)
+                if node.op == "call_module" and node.target.startswith(GATE):
+                    root[node.target] = getattr(template, node.target)
             bound = self._bound[mode] = (ids, fx.GraphModule(root, template.graph, type(self.model).__name__))
         return bound[1](*args, **kwargs)
 
@@ -395,12 +417,15 @@ class _GraphRunner:
         return {"model": self.model, "graphs": self.graphs, "_bound": {}}
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether a Hugging Face model has activation (gradient) checkpointing on (the name changed in transformers 5)."""
+def _checkpointing(model: nn.Module, runtimes: list[StackRuntime]) -> bool:
+    """Whether activation checkpointing is on: a Hugging Face model's flag (renamed in transformers 5), or blocks
+    wrapped by torch's checkpoint wrapper."""
     flag = getattr(type(model), "is_activation_checkpointing", None)
     if flag is None:
         flag = getattr(type(model), "is_gradient_checkpointing", None)
-    return bool(flag.__get__(model)) if isinstance(flag, property) else False
+    if isinstance(flag, property) and flag.__get__(model):
+        return True
+    return any(type(b).__name__ == "CheckpointWrapper" for r in runtimes for b in r.blocks)
 
 
 def _resolve(model: nn.Module, target: str):

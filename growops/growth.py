@@ -1,7 +1,8 @@
-"""Expanding a stack: new block j takes the weights of old block ``sources[j]``.
+"""Expanding a stack: new unit j takes the weights of old unit ``sources[j]``.
 
-Invariant: blocks keep their Parameter objects (weights are copied in place), so an optimizer built over
-the model's parameters before a growth still holds every parameter after it.
+Invariants: blocks keep their Parameter objects (weights are copied in place), so an optimizer built over the
+model's parameters before a growth still holds every parameter after it; per-layer values (``growops.values``) are
+never copied, so every block keeps its own.
 """
 
 from __future__ import annotations
@@ -13,26 +14,41 @@ from torch import nn
 
 from .fx.analysis import BlockStack
 from .maps import growth_sources
+from .values import state_names
+
+Unit = Sequence[nn.Module]  # the blocks of one growable unit (one block for period-1 stacks)
 
 
 @torch.no_grad()
-def copy_blocks(blocks: Sequence[nn.Module], sources: Sequence[int]) -> list[int]:
-    """Copy parameters and buffers of block ``sources[j]`` into block ``j``; return the j that changed."""
+def copy_units(units: Sequence[Unit], sources: Sequence[int], per_layer: Sequence[str] = ()) -> list[int]:
+    """Copy the parameters and buffers of unit ``sources[j]`` into unit ``j``, except the per-layer values at unit
+    paths `per_layer`; return the j that changed."""
+    period = len(units[0]) if units else 1
+    skip = {state_names(p, period) for p in per_layer}
     changed = [j for j, s in enumerate(sources) if s != j]
     # Snapshot the sources first: a source may itself be overwritten (stacking maps 3 -> 6 as 0,1,2,0,1,2).
-    snapshot = {s: {k: v.detach().clone() for k, v in blocks[s].state_dict().items()}
-                for s in {sources[j] for j in changed}}
+    snapshot = {s: [{k: v.detach().clone() for k, v in block.state_dict().items()
+                     if isinstance(v, torch.Tensor) and (r, k) not in skip}
+                    for r, block in enumerate(units[s])] for s in {sources[j] for j in changed}}
     for j in changed:
-        for name, tensor in blocks[j].state_dict(keep_vars=True).items():
-            tensor.copy_(snapshot[sources[j]][name])
+        for r, block in enumerate(units[j]):
+            source = snapshot[sources[j]][r]
+            for name, tensor in block.state_dict(keep_vars=True).items():
+                if name in source:
+                    tensor.copy_(source[name])
     return changed
 
 
-def expand_blocks(root: nn.Module, stack: BlockStack, n_old: int, n_new: int, growth: str = "interpolate") -> list[int]:
-    """Grow `stack` of `root` from `n_old` to `n_new` live blocks in place, by interpolation or stacking.
+def copy_blocks(blocks: Sequence[nn.Module], sources: Sequence[int], per_layer: Sequence[str] = ()) -> list[int]:
+    """``copy_units`` for a stack whose units are single blocks."""
+    return copy_units([(b,) for b in blocks], sources, per_layer)
 
-    Block j < n_new takes the weights of block ``growth_sources(n_old, n_new, growth)[j]``; blocks at and past
-    n_new are untouched. Returns the indices of the blocks whose weights changed.
+
+def expand_blocks(root: nn.Module, stack: BlockStack, n_old: int, n_new: int, growth: str = "interpolate") -> list[int]:
+    """Grow `stack` of `root` from `n_old` to `n_new` live units in place, by interpolation or stacking.
+
+    Unit j < n_new takes the weights of unit ``growth_sources(n_old, n_new, growth)[j]`` (per-layer values stay);
+    units at and past n_new are untouched. Returns the indices of the units whose weights changed.
     """
-    blocks = [root.get_submodule(b) for b in stack.blocks]
-    return copy_blocks(blocks, growth_sources(n_old, n_new, growth))
+    units = [[root.get_submodule(b) for b in stack.unit(u)] for u in range(stack.layers)]
+    return copy_units(units, growth_sources(n_old, n_new, growth), list(stack.per_layer_values))

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import GrowopsError
+from .errors import GrowopsError, GrowopsTypeError
 
 POLICIES: tuple[str, ...] = ("copy", "reset", "keep")
 
@@ -28,15 +28,34 @@ def check_policy(policy: str) -> str:
     return policy
 
 
-def remap_optimizer_state(optimizer: torch.optim.Optimizer, blocks: Sequence[nn.Module], sources: Sequence[int],
-                          policy: str) -> None:
-    """Apply `policy` to `optimizer`'s state after block j took block ``sources[j]``'s weights."""
+def check_optimizer(optimizer) -> None:
+    """Raise a GrowopsTypeError unless `optimizer` is None or looks like a torch optimizer (param_groups, state)."""
+    if optimizer is None:
+        return
+    groups = getattr(optimizer, "param_groups", None)
+    if not (isinstance(groups, list) and all(isinstance(g, dict) and "params" in g for g in groups)
+            and hasattr(optimizer, "state")):
+        hint = " (an LR scheduler: pass its .optimizer)" if hasattr(optimizer, "optimizer") else ""
+        raise GrowopsTypeError(f"a.step() takes the optimizer that trains the model, or nothing; got a "
+                               f"{type(optimizer).__name__}{hint}")
+
+
+def unheld(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, nn.Parameter]]) -> list[str]:
+    """Names of the trainable parameters in `named` that `optimizer` does not hold."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [name for name, p in named if p.requires_grad and id(p) not in held]
+
+
+def remap_optimizer_state(optimizer: torch.optim.Optimizer, blocks: Sequence[nn.Module | Sequence[nn.Module]],
+                          sources: Sequence[int], policy: str) -> None:
+    """Apply `policy` to `optimizer`'s state after block (or unit of blocks) j took ``sources[j]``'s weights."""
     check_policy(policy)
     if policy == "keep":
         return
     changed = [j for j, s in enumerate(sources) if s != j]
     held = {p for group in optimizer.param_groups for p in group["params"]}
-    params = [[p for _, p in block.named_parameters(remove_duplicate=False)] for block in blocks]
+    params = [[p for m in ((b,) if isinstance(b, nn.Module) else b) for _, p in m.named_parameters(
+        remove_duplicate=False)] for b in blocks]
     # A parameter that an unchanged block also holds (tied across blocks) keeps its state.
     unchanged = {p for j, ps in enumerate(params) if j not in changed for p in ps}
     # "copy" snapshots the sources before writing (a source block may also be a destination); "reset" needs none.

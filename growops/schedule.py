@@ -61,14 +61,16 @@ SAMPLERS: dict[str, Sampler] = {
 
 
 def resolve_sampler(sampler: SamplerSpec) -> tuple[str, Sampler]:
-    """``(name, function)`` for a sampler name or callable; a callable is named by its ``__qualname__``."""
+    """``(name, function)`` for a sampler name or callable; a callable is named by its module and qualified name
+    (its class's for a callable object)."""
     if isinstance(sampler, str):
         if sampler not in SAMPLERS:
             raise GrowopsError(f"unknown sampler {sampler!r}: use one of {', '.join(map(repr, SAMPLERS))} "
                                "or a callable (unique, L, rng) -> depth")
         return sampler, SAMPLERS[sampler]
     if callable(sampler):
-        return getattr(sampler, "__qualname__", type(sampler).__name__), sampler
+        named = sampler if hasattr(sampler, "__qualname__") else type(sampler)
+        return f"{getattr(named, '__module__', None) or '?'}.{named.__qualname__}", sampler
     raise GrowopsTypeError(
         f"sampler must be a name or a callable (unique, L, rng) -> depth, got {type(sampler).__name__}")
 

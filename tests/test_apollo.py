@@ -35,7 +35,7 @@ def _loop_loss(model, x):
 def _calls(a):
     """Record which block (by index) runs, in order."""
     seen = []
-    for i, b in enumerate(a._runtime.blocks):
+    for i, b in enumerate(a._runtimes[0].blocks):
         b.register_forward_hook(lambda m, args, out, i=i: seen.append(i))
     return seen
 
@@ -91,7 +91,7 @@ def test_shared_gradient_is_the_sum_of_untied_copies(unique, data):
     model = tiny_gpt(6)
     untied = copy.deepcopy(model)
     a = growops.apollo(model, stages=(unique, 6) if unique < 6 else (6,), stage_steps=(10,) if unique < 6 else ())
-    a._runtime.depth = depth
+    a._configure(a.unique_layers, depth)
     batch = gpt_batch()
     _gpt_loss(a, batch).backward()
     mapping = depth_map(unique, depth)
@@ -117,11 +117,11 @@ def test_growth_by_a_multiple_keeps_the_function(growth):
     with torch.no_grad():
         before = {}
         for d in depths:
-            a._runtime.depth = d
+            a._configure(a.unique_layers, d)
             before[d] = a(**batch).logits
         a.step()  # 2 -> 4 unique blocks
         for d in depths:
-            a._runtime.depth = d
+            a._configure(a.unique_layers, d)
             torch.testing.assert_close(a(**batch).logits, before[d], rtol=0, atol=1e-5)
 
 
@@ -153,7 +153,7 @@ def test_export_renumbers_per_layer_values():
     for i, b in enumerate(model.blocks):
         b.attn.layer_idx = i
     a = growops.apollo(model, stages=(1, 4), stage_steps=(5,))
-    assert a.block_stack.per_layer_values == {"attn.layer_idx": (0, 1, 2, 3)}
+    assert a.plan.stacks[0].per_layer_values == {"attn.layer_idx": (0, 1, 2, 3)}
     exported = a.export()
     assert [b.attn.layer_idx for b in exported.blocks] == [0, 1, 2, 3]
 
@@ -211,7 +211,7 @@ def test_optimizer_state_policy_end_to_end(policy, optimizer):
     a = growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(2,), optimizer_state=policy, sampler="full")
     opt = OPTIMIZERS[optimizer](a.parameters())
     batch = gpt_batch()
-    blocks = list(a._runtime.blocks)
+    blocks = list(a._runtimes[0].blocks)
     for _ in range(2):
         _gpt_loss(a, batch).backward()
         opt.step()
@@ -298,7 +298,8 @@ def test_loading_another_schedule_raises_and_changes_nothing():
     (dict(growth="grow"), GrowopsError, "unknown growth"),
     (dict(optimizer_state="zero"), GrowopsError, "unknown optimizer_state"),
     (dict(seed=-1), GrowopsError, "seed must be a non-negative int"),
-    (dict(stack="head"), GrowopsError, "not a container of identical blocks.*candidates: \\['blocks'\\]"),
+    (dict(stack="head"), GrowopsError, "stack='head' is not a module of GPT; candidates: \\['blocks'\\]"),
+    (dict(stack="ln_f"), GrowopsError, "'ln_f' is not a container of repeated blocks in GPT \\(it has 0 child"),
 ])
 def test_bad_arguments_raise_and_leave_the_model_untouched(kwargs, error, match):
     model = tiny_gpt(6)
@@ -335,7 +336,7 @@ def test_several_stacks_need_a_choice():
     decoder = copy.deepcopy(model.decoder.state_dict())
     encoder = [copy.deepcopy(layer.state_dict()) for layer in model.encoder]
     a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), stack="encoder", optimizer_state="keep")
-    assert a.block_stack.path == "encoder" and type(model.decoder) is nn.ModuleList
+    assert a.plan.stacks[0].path == "encoder" and type(model.decoder) is nn.ModuleList
     a.step()  # 2 -> 4 by interpolation: sources (0, 0, 1, 1)
     for layer, source in zip(model.encoder, (0, 0, 1, 1)):
         assert all(torch.equal(v, encoder[source][k]) for k, v in layer.state_dict().items())
@@ -455,7 +456,7 @@ def test_shared_gradient_in_graph_mode(unique, data):
     model = IndexLoopNet(4)
     untied = copy.deepcopy(model)
     a = growops.apollo(model, stages=(unique, 4) if unique < 4 else (4,), stage_steps=(9,) if unique < 4 else ())
-    a._runtime.depth = depth
+    a._configure(a.unique_layers, depth)
     x = torch.randn(3, 4)
     a(x).square().mean().backward()
     mapping = depth_map(unique, depth)

@@ -1,13 +1,14 @@
 import torch
 from torch import nn
 
-from growops.fx import find_block_stacks, per_layer_attributes, repeated_containers, trace_model
-from growops.fx.analysis import analyse, called_blocks
+from growops.fx import find_block_stacks, trace_model
+from growops.fx.analysis import analyse, call_sequence
+from growops.structure import block_containers
 from tests.models import EncoderDecoder, IndexLoopNet, NoStack, ParallelExperts, SequentialNet, tiny_gpt
 
 
 def _leaves(model):
-    return {model.get_submodule(b) for blocks in repeated_containers(model).values() for b in blocks}
+    return {model.get_submodule(b) for blocks, _ in block_containers(model).values() for b in blocks}
 
 
 def _stacks(model, example_inputs=None):
@@ -37,7 +38,7 @@ def test_index_loop_shared_inputs_and_per_layer_constants():
     model = IndexLoopNet(5)
     _, stacks = _stacks(model)
     (stack,) = stacks
-    assert stack.path == "layers" and stack.depth == 5
+    assert stack.path == "layers" and stack.layers == 5
     assert len(stack.shared_inputs) == 1  # the sigmoid scale, read by every block
 
 
@@ -61,7 +62,7 @@ def test_parallel_identical_modules_are_not_a_stack():
 
 
 def test_no_repeated_container():
-    assert repeated_containers(NoStack()) == {}
+    assert block_containers(NoStack()) == {}
 
 
 def test_stacks_nested_in_blocks_are_ignored():
@@ -90,18 +91,19 @@ def test_stacks_nested_in_blocks_are_ignored():
     assert [s.path for s in find_block_stacks(ep, model)] == ["layers"]
 
 
-def test_per_layer_attributes():
-    blocks = [nn.Linear(2, 2) for _ in range(3)]
-    for i, b in enumerate(blocks):
-        b.layer_idx, b.kind = i, "same"
-    assert per_layer_attributes(blocks) == {"layer_idx": (0, 1, 2)}
+def test_call_sequence_ignores_weights_only_and_counts_repeats():
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
 
+        def forward(self, x):
+            x = self.layers[0](self.layers[0](x))
+            return x + self.layers[2].weight.sum()  # reads block 2's weight, never calls it
 
-def test_called_blocks_ignores_weights_only():
-    model = tiny_gpt(3)
-    ep = torch.export.export(model, (), model.dummy_inputs, strict=False).module()
-    names = tuple(f"blocks.{i}" for i in range(3))
-    assert called_blocks(ep, names) == [0, 1, 2]
-    model.blocks = nn.ModuleList(list(model.blocks)[:1])
-    ep = torch.export.export(model, (), model.dummy_inputs, strict=False).module()
-    assert called_blocks(ep, names) == [0]
+    model = Reuse()
+    names = ("layers.0", "layers.1", "layers.2")
+    ep = torch.export.export(model, (torch.randn(2, 4),), strict=False).module()
+    assert call_sequence(ep, names) == [0, 0]
+    gm = trace_model(model, set(model.layers)).graph_module
+    assert call_sequence(gm, names) == [0, 0]

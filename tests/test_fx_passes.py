@@ -4,14 +4,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from growops import GrowopsError
-from growops.fx import find_block_stacks, insert_depth_gate, repeated_containers, tie_blocks, trace_model
+from growops.fx import find_block_stacks, insert_depth_gate, tie_blocks, trace_model
 from growops.maps import depth_map
 from tests.models import IndexLoopNet
 
 
 def _traced(n_layer=4):
     model = IndexLoopNet(n_layer)
-    leaves = {model.get_submodule(b) for bs in repeated_containers(model).values() for b in bs}
+    leaves = set(model.layers)
     gm = trace_model(model, leaves).graph_module
     (stack,) = find_block_stacks(gm, model)
     return model, gm, stack
@@ -52,7 +52,7 @@ def test_tie_blocks_identity_and_mapping():
     assert same.code == gm.code
     tied = tie_blocks(gm, stack, (0, 0, 1, 1))
     assert torch.allclose(tied(x), _untied_reference(model, x, (0, 0, 1, 1)))
-    with pytest.raises(GrowopsError, match="one block index"):
+    with pytest.raises(GrowopsError, match="one unit index"):
         tie_blocks(gm, stack, (0, 1))
 
 

@@ -22,7 +22,7 @@ def test_growth_by_a_multiple_keeps_the_output_at_every_depth(n, c, data):
     layers = n * c * 2
     torch.manual_seed(data.draw(st.integers(0, 100)))
     model = IndexLoopNet(layers)
-    runtime = StackRuntime(list(model.layers))
+    runtime = StackRuntime(model.layers)
     x = torch.randn(2, 4)
     depths = range(n * c, layers + 1)
     with torch.no_grad():

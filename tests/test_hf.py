@@ -49,8 +49,8 @@ def test_single_stage_is_exact_and_found_by_export(hf):
     ids = _ids()
     expected = model(input_ids=ids).logits
     a = growops.apollo(model, stages=(4,), stage_steps=())
-    assert a.block_stack.path == path and a.mode == "container"
-    assert list(a.block_stack.per_layer_values.values())[0] == (0, 1, 2, 3)  # layer_idx
+    assert a.plan.stacks[0].path == path and a.mode == "container"
+    assert list(a.plan.stacks[0].per_layer_values.values())[0] == (0, 1, 2, 3)  # layer_idx
     a.eval()
     assert torch.equal(a(input_ids=ids).logits, expected)
 
@@ -99,8 +99,8 @@ def test_gradient_checkpointing_with_position_dependent_values_warns():
                                      scale_attn_by_inverse_layer_idx=True)
     model = transformers.GPT2LMHeadModel(config)
     a = growops.apollo(model, stages=(1, 4), stage_steps=(5,))
-    assert "attn.scaling" in a.block_stack.per_layer_values  # scaled by 1 / (layer_idx + 1) at init
+    assert "attn.scaling" in a.plan.stacks[0].per_layer_values  # scaled by 1 / (layer_idx + 1) at init
     model.activation_checkpointing_enable()
     ids = _ids()
-    with pytest.warns(UserWarning, match="gradient checkpointing.*attn.scaling"):
+    with pytest.warns(UserWarning, match="activation checkpointing.*attn.scaling"):
         a(input_ids=ids, labels=ids)

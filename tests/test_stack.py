@@ -1,12 +1,24 @@
 from collections import OrderedDict
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from growops import GrowopsError
 from growops.maps import depth_map
-from growops.stack import SharedBlockList, SharedBlockSequential, StackRuntime, shared_container
+from growops.stack import (
+    SharedBlockList,
+    SharedBlockSequential,
+    StackRuntime,
+    can_share,
+    scope_forwards,
+    share,
+    unscope,
+    unshare,
+)
+from growops.structure import Layout
 
 
 def _blocks(n=4):
@@ -16,62 +28,157 @@ def _blocks(n=4):
     return blocks
 
 
+class Holder(nn.Module):
+    """Iterates its container in forward and records what it saw."""
+
+    def __init__(self, container):
+        super().__init__()
+        self.layers = container
+        self.seen = []
+
+    def forward(self, x):
+        self.seen = []
+        for block in self.layers:
+            self.seen.append((block, block.layer_idx))
+            x = block(x)
+        return x
+
+
+def _shared(blocks, layout=None, per_layer=("layer_idx",), growth="interpolate"):
+    holder = Holder(nn.ModuleList(blocks))
+    runtime = StackRuntime(holder.layers, layout, per_layer, growth, "layers")
+    share(holder.layers, runtime)
+    scope_forwards(runtime, [holder, holder.layers])
+    return holder, runtime
+
+
 @given(st.integers(1, 6), st.data(), st.booleans(), st.sampled_from(["interpolate", "stack"]))
-def test_iteration_runs_the_map_and_places_per_layer_values(unique, data, training, growth):
+def test_forward_runs_the_map_with_per_layer_values_and_restores_them(unique, data, training, growth):
     blocks = _blocks(6)
-    runtime = StackRuntime(blocks, {"layer_idx": tuple(range(6))}, growth)
-    container = shared_container(nn.ModuleList(blocks), runtime)
-    container.train(training)
+    holder, runtime = _shared(blocks, growth=growth)
+    holder.train(training)
     runtime.unique, runtime.depth = unique, data.draw(st.integers(unique, 6))
+    holder(torch.randn(2, 3))
     expected = depth_map(unique, runtime.depth if training else 6, growth)
-    seen = []
-    for position, block in enumerate(container):
-        assert block.layer_idx == position  # set just before the loop body runs the block
-        seen.append(blocks.index(block))
-    assert tuple(seen) == expected
-    assert [blocks.index(b) for b in container[1:3]] == list(expected[1:3])
-    assert len(container[:2]) == 2
+    assert [blocks.index(b) for b, _ in holder.seen] == list(expected)
+    assert [idx for _, idx in holder.seen] == list(range(len(expected)))  # position i ran with layer i's value
+    assert [b.layer_idx for b in blocks] == list(range(6))  # each block has its own back
 
 
-def test_indexing_len_and_state_dict_stay_physical():
+def test_outside_a_forward_the_container_is_physical():
     blocks = _blocks()
-    original = nn.ModuleList(blocks)
-    runtime = StackRuntime(blocks)
+    holder, runtime = _shared(blocks)
     runtime.unique, runtime.depth = 1, 2
-    shared = shared_container(original, runtime)
-    assert isinstance(shared, SharedBlockList) and isinstance(shared, nn.ModuleList)
-    assert len(shared) == 4 and shared[3] is blocks[3]
-    assert list(shared.state_dict()) == list(original.state_dict())
-    assert len(list(shared)) == 2
-    assert "unique=1, depth=2" in repr(shared)
+    assert list(holder.layers) == blocks  # optimizer groups built by iterating see every block
+    assert len(holder.layers) == 4 and holder.layers[3] is blocks[3]
+    assert list(holder.layers[1:3]) == blocks[1:3] and type(holder.layers[1:3]) is nn.ModuleList
+    assert list(holder.state_dict()) == [f"layers.{i}.{k}" for i in range(4) for k in ("weight", "bias")]
+    assert "unique=1, depth=2" in repr(holder.layers)
 
 
-def test_sequential_keeps_names_and_runs_positions():
+def test_inside_a_forward_len_index_and_slices_see_positions():
+    blocks = _blocks()
+
+    class IndexByLen(Holder):
+        def forward(self, x):
+            self.seen = [(self.layers[i], self.layers[i].layer_idx) for i in range(len(self.layers))]
+            self.sliced = [b.layer_idx for b in self.layers[1:]]
+            return x
+
+    holder = IndexByLen(nn.ModuleList(blocks))
+    runtime = StackRuntime(holder.layers, per_layer=("layer_idx",))
+    share(holder.layers, runtime)
+    scope_forwards(runtime, [holder])
+    runtime.unique, runtime.depth = 2, 3
+    holder(torch.randn(1, 3))
+    assert [blocks.index(b) for b, _ in holder.seen] == list(depth_map(2, 3))
+    assert [i for _, i in holder.seen] == [0, 1, 2] and holder.sliced == [1, 2]
+
+
+def test_an_error_in_the_forward_still_restores_per_layer_values():
+    blocks = _blocks()
+
+    class Failing(Holder):
+        def forward(self, x):
+            for block in self.layers:
+                if block.layer_idx == 2:
+                    raise RuntimeError("boom")
+            return x
+
+    holder = Failing(nn.ModuleList(blocks))
+    runtime = StackRuntime(holder.layers, per_layer=("layer_idx",))
+    share(holder.layers, runtime)
+    scope_forwards(runtime, [holder])
+    runtime.unique, runtime.depth = 1, 4
+    with pytest.raises(RuntimeError, match="boom"):
+        holder(torch.randn(1, 3))
+    assert [b.layer_idx for b in blocks] == [0, 1, 2, 3] and runtime.active == 0
+
+
+def test_sequential_keeps_its_object_names_and_hooks():
     blocks = _blocks(3)
-    original = nn.Sequential(OrderedDict((f"b{i}", b) for i, b in enumerate(blocks)))
-    runtime = StackRuntime(blocks)
-    shared = shared_container(original, runtime)
-    assert isinstance(shared, SharedBlockSequential)
-    assert list(shared.state_dict()) == list(original.state_dict())
+    container = nn.Sequential(OrderedDict((f"b{i}", b) for i, b in enumerate(blocks)))
+    calls = []
+    container.register_forward_hook(lambda *args: calls.append(1))
+    keys = list(container.state_dict())
+    runtime = StackRuntime(container)
+    share(container, runtime)
+    scope_forwards(runtime, [container])
+    assert isinstance(container, SharedBlockSequential) and list(container.state_dict()) == keys
     x = torch.randn(2, 3)
-    assert torch.equal(shared(x), original(x))
     runtime.unique = runtime.depth = 1
-    assert torch.equal(shared(x), blocks[0](x))
+    assert torch.equal(container(x), blocks[0](x)) and calls == [1]
+    unshare(container)
+    unscope(container)
+    assert type(container) is nn.Sequential and torch.equal(container(x), blocks[2](blocks[1](blocks[0](x))))
 
 
-def test_other_containers_are_not_replaced():
+def test_only_plain_module_lists_and_sequentials_are_shared():
     class MyList(nn.ModuleList):
         pass
 
-    assert shared_container(MyList(_blocks()), StackRuntime(_blocks())) is None
+    assert not can_share(MyList(_blocks())) and can_share(nn.ModuleList()) and can_share(nn.Sequential())
+    holder, _ = _shared(_blocks())
+    assert isinstance(holder.layers, SharedBlockList)
 
 
-def test_training_flag_follows_the_blocks():
+def test_layout_follows_the_container_not_one_block():
     blocks = _blocks(4)
-    runtime = StackRuntime(blocks)
+    holder, runtime = _shared(blocks)
     runtime.unique, runtime.depth = 2, 2
-    container = shared_container(nn.ModuleList(blocks), runtime)
-    container.eval()
-    assert runtime.mapping() == (0, 0, 1, 1)
-    container.train()
+    holder.train()
+    blocks[0].eval()  # a single block's flag does not switch the stack to the evaluation layout
     assert runtime.mapping() == (0, 1)
+    holder.eval()
+    assert runtime.mapping() == (0, 0, 1, 1)
+
+
+def test_fixed_blocks_and_periodic_units():
+    blocks = _blocks(7)  # prefix 1 | units of 2 blocks x 2 ... | suffix 2
+    holder, runtime = _shared(blocks, Layout(1, 2, 2, 2), per_layer=("0.layer_idx", "1.layer_idx"))
+    runtime.unique, runtime.depth = 1, 2
+    holder.train()
+    holder(torch.randn(1, 3))
+    assert [blocks.index(b) for b, _ in holder.seen] == [0, 1, 2, 1, 2, 5, 6]
+    # position 1's blocks ran with unit 1's values (blocks 3 and 4), the fixed blocks with their own
+    assert [i for _, i in holder.seen] == [0, 1, 2, 3, 4, 5, 6]
+    assert [b.layer_idx for b in blocks] == list(range(7))
+
+
+def test_replaced_block_is_used_or_rejected():
+    blocks = _blocks(4)
+    holder, runtime = _shared(blocks)
+    runtime.unique, runtime.depth = 4, 4
+    new = nn.Linear(3, 3)
+    new.layer_idx = 2
+    holder.layers[2] = new
+    holder(torch.randn(1, 3))
+    assert holder.seen[2][0] is new and runtime.blocks[2] is new
+
+    holder.layers[1] = nn.Sequential(nn.Linear(3, 3))  # another structure: refused, nothing adopted
+    with pytest.raises(GrowopsError, match=r"layers.1 was replaced after growops.apollo wrapped.*a Sequential"):
+        holder(torch.randn(1, 3))
+    assert runtime.blocks[1] is blocks[1]
+    del holder.layers[3]
+    with pytest.raises(GrowopsError, match="layers changed after growops.apollo wrapped the model"):
+        runtime.sync()

@@ -1,79 +1,67 @@
-"""Find the block stack of a model in its FX graph.
+"""Find the block stacks of a model in its FX graph.
 
-A *block stack* is a container of L >= 2 structurally identical modules (same classes, parameter names,
-shapes and dtypes) whose calls form a chain in the graph: block 0 reads no other block, and block k reads
-block k-1 and no other block (directly, or through glue nodes of the parent such as ``getitem``).
+A *block stack* is a block container (see ``growops.structure``) whose children are called as a chain in the graph:
+every child is called, no child reads a later one, each core block reads the one before it, and the value of a core
+block other than the last flows only into the next block (or, untouched, into the graph's output, as collected
+hidden states do). A value that escapes the chain (a weighted sum of every layer's output, a tap on layer k) would
+silently change meaning at another depth, so such a container is rejected with the node that reads it.
 
-Works on graphs from ``torch.fx.symbolic_trace`` (blocks as ``call_module`` leaves) and from
-``torch.export`` (blocks inlined; every node tagged with ``nn_module_stack``). Each node of a found stack's
-blocks is annotated with ``node.meta["growops_block"] = (stack path, block index)``.
+Values are followed through the parent's glue code (``getitem``, a residual ``x = x + block(x)`` written in the loop):
+each node belongs to the *iteration* of the latest block it depends on, and a core block's iteration may only be read
+by itself or the next one.
+
+Works on graphs from ``torch.fx.symbolic_trace`` (blocks as ``call_module`` leaves) and from ``torch.export``
+(blocks inlined; every node tagged with ``nn_module_stack``). Each node of a found stack's blocks is annotated with
+``node.meta["growops_block"] = (stack path, child index)``.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-_SCALARS = (int, float, str, bool, type(None))
+from ..structure import Layout, block_containers, explain_fixed, inside
 
 
 @dataclass(frozen=True)
 class BlockStack:
-    """A chain of identical blocks found in a graph.
+    """A chain of blocks found in a graph, and how it grows.
 
     path: the container's qualified name, e.g. ``"transformer.h"``.
-    blocks: the blocks' qualified names in call order, e.g. ``("transformer.h.0", ...)``.
-    shared_inputs: graph nodes that every block reads besides the chained hidden state (masks, rotary tables).
-    per_layer_values: scalar attributes that differ from block to block, by path inside a block, e.g.
-        ``{"attn.layer_idx": (0, 1, 2, 3)}``; growops gives position i the value block i had.
+    blocks: every child's qualified name in call order, fixed blocks included, e.g. ``("transformer.h.0", ...)``.
+    layout: which children are fixed and which form the growable units (``growops.structure.Layout``).
+    shared_inputs: graph nodes that every unit reads besides the chained hidden state (masks, rotary tables).
+    per_layer_values: values that differ between units, by path inside a unit, e.g. ``{"attn.layer_idx": (0, 1, 2)}``;
+        position i runs with unit i's (``growops.values``).
+    undecided_values: values growops could not compare between units; ``apollo`` refuses them until declared.
+    fixed_reasons: why each fixed block is fixed, e.g. ``"h.0: it has an extra attn.relative_attention_bias"``.
     """
 
     path: str
     blocks: tuple[str, ...]
+    layout: Layout = None
     shared_inputs: tuple[str, ...] = ()
     per_layer_values: dict[str, tuple] = field(default_factory=dict, compare=False)
+    undecided_values: dict[str, tuple] = field(default_factory=dict, compare=False)
+    fixed_reasons: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.layout is None:
+            object.__setattr__(self, "layout", Layout(0, 1, len(self.blocks), 0))
 
     @property
-    def depth(self) -> int:
-        return len(self.blocks)
+    def layers(self) -> int:
+        """L: the number of growable units."""
+        return self.layout.units
 
+    def unit(self, u: int) -> tuple[str, ...]:
+        """The block paths of growable unit `u`."""
+        return tuple(self.blocks[i] for i in self.layout.unit(u))
 
-def module_signature(module: nn.Module) -> tuple:
-    """What makes two blocks interchangeable: module classes, parameter and buffer names, shapes, dtypes."""
-    return (
-        tuple((name, type(m)) for name, m in module.named_modules()),
-        tuple((name, tuple(p.shape), p.dtype) for name, p in module.named_parameters()),
-        tuple((name, tuple(b.shape), b.dtype) for name, b in module.named_buffers()),
-    )
-
-
-def repeated_containers(root: nn.Module) -> dict[str, tuple[str, ...]]:
-    """Every module with at least two children, all structurally identical: ``{path: child paths}``."""
-    found = {}
-    for path, module in root.named_modules():
-        children = list(module.named_children())
-        if len(children) < 2:
-            continue
-        first = module_signature(children[0][1])
-        if all(module_signature(child) == first for _, child in children[1:]):
-            found[path] = tuple(_join(path, name) for name, _ in children)
-    return found
-
-
-def per_layer_attributes(blocks: list[nn.Module]) -> dict[str, tuple]:
-    """Scalar attributes (ints, floats, strings) that differ between blocks, such as ``layer_idx``."""
-    out = {}
-    named = [dict(block.named_modules()) for block in blocks]
-    for sub_path, sub in named[0].items():
-        for attr, value in vars(sub).items():
-            if attr.startswith("_") or not isinstance(value, _SCALARS):
-                continue
-            values = tuple(getattr(n[sub_path], attr, None) for n in named)
-            if len(set(map(repr, values))) > 1:
-                out[_join(sub_path, attr)] = values
-    return out
+    def describe(self) -> str:
+        """One line: what grows and what stays fixed."""
+        return f"{self.path}: " + self.layout.describe(self.blocks)
 
 
 def find_block_stacks(gm: fx.GraphModule, root: nn.Module | None = None) -> list[BlockStack]:
@@ -83,98 +71,168 @@ def find_block_stacks(gm: fx.GraphModule, root: nn.Module | None = None) -> list
 
 
 def analyse(gm: fx.GraphModule, root: nn.Module | None = None) -> tuple[list[BlockStack], list[str]]:
-    """``(stacks, notes)``: the stacks found and, for each repeated container rejected, why."""
+    """``(stacks, notes)``: the stacks found and, for each block container rejected, why."""
     root = gm if root is None else root
-    containers = repeated_containers(root)
+    containers = block_containers(root)
     stacks, notes = [], []
-    for path, blocks in containers.items():
-        stack, why = _chain(gm.graph, root, path, blocks)
-        if stack is not None:
-            stacks.append(stack)
-        elif not any(_inside(path, b) for other in containers.values() for b in other):
-            notes.append(f"{path or '<root>'} ({len(blocks)} x {type(root.get_submodule(blocks[0])).__name__}): {why}")
+    for path, (blocks, layout) in containers.items():
+        why = _chain(gm.graph, blocks, layout)
+        if why is None:
+            modules = [root.get_submodule(b) for b in blocks]
+            reasons = tuple(explain_fixed(blocks, modules, layout))
+            stacks.append(BlockStack(path, blocks, layout, _shared_inputs(gm.graph, blocks, layout),
+                                     fixed_reasons=reasons))
+        elif not any(inside(path, b) for other in containers.values() for b in other[0]):
+            kind = type(root.get_submodule(blocks[layout.prefix])).__name__
+            notes.append(f"{path or '<root>'} ({layout.units} x {kind}): {why}")
     # A stack inside a block of another stack (heads inside each layer, say) is not the model's block stack.
-    outer = [s for s in stacks if not any(_inside(s.path, b) for o in stacks if o is not s for b in o.blocks)]
+    outer = [s for s in stacks if not any(inside(s.path, b) for o in stacks if o is not s for b in o.blocks)]
     for stack in outer:
+        index = _BlockIndex(stack.blocks)
         for node in gm.graph.nodes:
-            index = _owner(node, stack.blocks)
-            if index is not None:
-                node.meta["growops_block"] = (stack.path, index)
+            k = index.owner(node)
+            if k is not None:
+                node.meta["growops_block"] = (stack.path, k)
     return outer, notes
 
 
-def called_blocks(gm: fx.GraphModule, blocks: tuple[str, ...]) -> list[int]:
-    """Indices of the blocks that compute at least one node of the graph (not just hold weights), in graph order."""
-    seen = []
+def call_sequence(gm: fx.GraphModule, blocks: tuple[str, ...]) -> list[int]:
+    """The child index of every block *call* in the graph, in graph order (a block run twice appears twice);
+    blocks that only hold weights the graph reads do not count."""
+    index, sequence, seen = _BlockIndex(blocks), [], set()
     for node in gm.graph.nodes:
-        index = _owner(node, blocks) if node.op.startswith("call_") else None
-        if index is not None and index not in seen:
-            seen.append(index)
-    return seen
+        call = index.call(node)
+        if call is not None and call not in seen:
+            seen.add(call)
+            sequence.append(call[0])
+    return sequence
 
 
-def _chain(graph: fx.Graph, root: nn.Module, path: str, blocks: tuple[str, ...]):
-    """``(BlockStack, None)`` if `blocks` are called as a chain in `graph`, else ``(None, reason)``."""
-    region = {}
-    for node in graph.nodes:
-        index = _owner(node, blocks)
-        if index is not None:
-            region[node] = index
+def _chain(graph: fx.Graph, blocks: tuple[str, ...], layout: Layout) -> str | None:
+    """None if `blocks` are called as a chain in `graph` (see the module docstring), else the reason why not."""
+    region, iteration = _iterations(graph, blocks)
     missing = sorted(set(range(len(blocks))) - set(region.values()))
     if len(missing) == len(blocks):
-        return None, "never called in the traced forward"
+        return "never called in the traced forward"
     if missing:
-        return None, f"blocks {missing} are never called in the traced forward"
-
-    memo: dict[fx.Node, frozenset] = {}
-
-    def sources(node: fx.Node) -> frozenset:
-        """Blocks that `node` depends on through nodes outside every block."""
-        if node in region:
-            return frozenset((region[node],))
-        if node not in memo:
-            memo[node] = frozenset().union(*(sources(i) for i in node.all_input_nodes))
-        return memo[node]
-
-    reads = defaultdict(set)  # block -> blocks it reads
-    side = defaultdict(set)  # block -> outside nodes (not derived from any block) it reads
-    for node, index in region.items():
+        return f"{', '.join(blocks[i] for i in missing)} never called in the traced forward"
+    core = layout.core()
+    reads = {k: set() for k in range(len(blocks))}
+    for node, k in region.items():
         for inp in node.all_input_nodes:
-            if region.get(inp) == index:
-                continue
-            src = sources(inp)
-            reads[index] |= src - {index}
-            if not src and inp.op != "get_attr":
-                side[index].add(inp)
+            if region.get(inp) != k:
+                reads[k].add(iteration[inp])
     for k in range(len(blocks)):
-        expected = {k - 1} if k else set()
-        if reads[k] != expected:
-            got = sorted(reads[k]) or "no block"
-            return None, (f"not a chain: block {k} reads {got}, expected {sorted(expected) or 'no block'}; "
-                          "its blocks must be called one after another, each on the previous one's output")
-    shared = set.intersection(*(side[k] for k in range(len(blocks))))
-    shared_names = tuple(n.name for n in graph.nodes if n in shared)
-    modules = [root.get_submodule(b) for b in blocks]
-    return BlockStack(path, blocks, shared_names, per_layer_attributes(modules)), None
-
-
-def _owner(node: fx.Node, blocks: tuple[str, ...]) -> int | None:
-    """Index of the block that `node` belongs to, or None."""
-    paths = []
-    if node.op in ("call_module", "get_attr"):
-        paths.append(str(node.target))
-    for value in (node.meta.get("nn_module_stack") or {}).values():
-        paths.append(str(value[0]).split("@")[0])
-    for p in paths:
-        for index, block in enumerate(blocks):
-            if _inside(p, block):
-                return index
+        later = sorted(j for j in reads[k] if j > k)
+        if later:
+            return f"not a chain: {blocks[k]} reads {blocks[later[0]]}, which is called after it"
+        if k in core and k > core.start and k - 1 not in reads[k]:
+            return (f"not a chain: {blocks[k]} does not read {blocks[k - 1]}'s output; the blocks must be called one "
+                    "after another, each on the previous one's output")
+    for k in core[:-1]:
+        feeds_next = _ancestors([n for n, j in region.items() if j == k + 1], region)
+        for node in graph.nodes:
+            if iteration[node] != k:
+                continue
+            late = [u for u in node.users if iteration[u] > k + 1 and u.op != "output"]
+            side = [] if node in region or node in feeds_next else [u for u in node.users if not _collects(u)]
+            for user in late + side:
+                return (f"{blocks[k]}'s output is used outside the chain of blocks by `{user.name}`{_where(user)}: "
+                        "at another depth that would read another layer's output, or none. growops grows stacks "
+                        "whose blocks' outputs only feed the next block or are returned as they are "
+                        "(output_hidden_states)")
     return None
 
 
-def _inside(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + ".")
+def _ancestors(nodes: list[fx.Node], region: dict[fx.Node, int]) -> set[fx.Node]:
+    """The nodes outside every block that `nodes` depend on through other such nodes (the glue feeding a block)."""
+    seen, todo = set(), [i for n in nodes for i in n.all_input_nodes]
+    while todo:
+        node = todo.pop()
+        if node in seen or node in region:
+            continue
+        seen.add(node)
+        todo.extend(node.all_input_nodes)
+    return seen
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def _collects(node: fx.Node) -> bool:
+    """Whether `node` only hands values to the graph's output: the output itself, or an output object built from
+    them (a dataclass or named tuple) that only goes there."""
+    if node.op == "output":
+        return True
+    return node.op == "call_function" and isinstance(node.target, type) and all(_collects(u) for u in node.users)
+
+
+def _iterations(graph: fx.Graph, blocks: tuple[str, ...]) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
+    """``(region, iteration)``: the block index of every node computed in a block, and for every node the latest
+    block it depends on (-1: none; graph order is a topological order)."""
+    index = _BlockIndex(blocks)
+    region, iteration = {}, {}
+    for node in graph.nodes:
+        k = index.owner(node)
+        if k is not None:
+            region[node] = iteration[node] = k
+        else:
+            iteration[node] = max((iteration[i] for i in node.all_input_nodes), default=-1)
+    return region, iteration
+
+
+def _shared_inputs(graph: fx.Graph, blocks: tuple[str, ...], layout: Layout) -> tuple[str, ...]:
+    """Graph inputs and values computed before the stack that every growable unit reads."""
+    region, iteration = _iterations(graph, blocks)
+    read = [set() for _ in range(layout.units)]
+    for node, k in region.items():
+        if k in layout.core():
+            u = (k - layout.prefix) // layout.period
+            read[u] |= {i for i in node.all_input_nodes if iteration[i] == -1 and i.op != "get_attr"}
+    shared = set.intersection(*read)
+    return tuple(n.name for n in graph.nodes if n in shared)
+
+
+def _where(node: fx.Node) -> str:
+    """`` (at file, line n, in f: code)`` for the last frame of the node's recorded stack trace outside torch."""
+    lines = [line.strip() for line in (node.meta.get("stack_trace") or "").strip().splitlines()]
+    frames = [(lines[i], lines[i + 1]) for i in range(len(lines) - 1) if lines[i].startswith("File ")]
+    user = [f for f in frames if "/torch/" not in f[0].replace("\\", "/")]
+    if not user:
+        return ""
+    where, code = user[-1]
+    return f" (at {where[5:]}: {code})"
+
+
+class _BlockIndex:
+    """Which block a node belongs to, by module path: ``call_module`` targets (symbolic traces, where a block is a
+    leaf), ``nn_module_stack`` entries (torch.export) and ``get_attr`` targets (a block's weights)."""
+
+    def __init__(self, blocks: tuple[str, ...]):
+        self.index = {b: i for i, b in enumerate(blocks)}
+
+    def find(self, path: str) -> int | None:
+        """Index of the block that module path `path` lies in."""
+        while True:
+            if path in self.index:
+                return self.index[path]
+            if "." not in path:
+                return None
+            path = path.rpartition(".")[0]
+
+    def call(self, node: fx.Node) -> tuple[int, str] | None:
+        """``(block index, call id)`` of the block call that `node` is part of, or None."""
+        if node.op == "call_module":  # export graphs only call _guards_fn, which belongs to no block
+            index = self.find(str(node.target))
+            return None if index is None else (index, node.name)
+        if node.op not in ("call_function", "call_method"):
+            return None
+        for key, value in (node.meta.get("nn_module_stack") or {}).items():
+            index = self.index.get(str(value[0]).split("@")[0])
+            if index is not None:
+                return index, key
+        return None
+
+    def owner(self, node: fx.Node) -> int | None:
+        """Index of the block that `node` computes in or reads a weight of, or None."""
+        call = self.call(node)
+        if call is not None:
+            return call[0]
+        return self.find(str(node.target)) if node.op == "get_attr" else None

@@ -19,30 +19,33 @@ GATE = "growops_gate"
 
 
 def insert_depth_gate(gm: fx.GraphModule, stack: BlockStack, inplace: bool = False,
-                      runtime: StackRuntime | None = None) -> fx.GraphModule:
-    """Replace the chain of block calls by one call to a ``DepthGate`` (submodule ``growops_gate``).
+                      runtime: StackRuntime | None = None, name: str = GATE) -> fx.GraphModule:
+    """Replace the chain of the stack's growable block calls by one call to a ``DepthGate`` (submodule `name`).
 
     Invariant: with the gate's runtime at unique = depth = L (as created) the module computes exactly what
     it computed before; setting ``gm.growops_gate.runtime.unique / .depth`` then changes the depth and the
-    sharing without retracing. Requires each block to be called once, on the previous block's output (or one
-    item of it), with the other arguments shared graph nodes or constants; intermediate outputs may not be
-    used outside the chain. Pass `runtime` to let several graphs (say, one per training mode) share one.
+    sharing without retracing. Fixed blocks keep their own calls. Requires each growable block to be called once,
+    on the previous block's output (or one item of it), with the other arguments shared graph nodes or constants;
+    intermediate outputs may not be used outside the chain. Pass `runtime` to let several graphs (say, one per
+    training mode) share one.
 
     Before: ``h1 = layers_0(h0, mask); h2 = layers_1(h1, mask); out = head(h2)``
     After:  ``h2 = growops_gate(h0, mask); out = head(h2)``
     """
     gm = gm if inplace else fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
-    calls = _block_calls(gm.graph, stack)
-    slot_key, out_index, glue = _chain_slot(calls)
+    layout = stack.layout
+    calls = _block_calls(gm.graph, stack)[layout.core().start:layout.core().stop]
+    slot_keys, out_indices, glue = _chain_slots(calls, layout.period)
     shared_nodes: list[fx.Node] = []
-    template = _template(calls, slot_key, out_index, shared_nodes)
+    templates = [_template(calls[r::layout.period], slot_keys[r], out_indices[r], shared_nodes)
+                 for r in range(layout.period)]
 
     if runtime is None:
-        runtime = StackRuntime([gm.get_submodule(b) for b in stack.blocks], stack.per_layer_values)
-    gm.add_submodule(GATE, DepthGate(runtime, template))
+        runtime = StackRuntime(gm.get_submodule(stack.path), layout, stack.per_layer_values, path=stack.path)
+    gm.add_submodule(name, DepthGate(runtime, templates))
     first, last = calls[0], calls[-1]
     with gm.graph.inserting_before(last):
-        gate = gm.graph.call_module(GATE, (_slot_value(first, slot_key), *shared_nodes))
+        gate = gm.graph.call_module(name, (_slot_value(first, slot_keys[0]), *shared_nodes))
     gate.meta = dict(last.meta)
     last.replace_all_uses_with(gate)
     for call in reversed(calls):
@@ -57,15 +60,18 @@ def insert_depth_gate(gm: fx.GraphModule, stack: BlockStack, inplace: bool = Fal
 def tie_blocks(gm: fx.GraphModule, stack: BlockStack, mapping, inplace: bool = False) -> fx.GraphModule:
     """Make position i of the chain call block ``mapping[i]``: blocks at the same index share their weights.
 
-    Invariant: the graph keeps its L block calls and every other node; only their targets change, so the
-    identity mapping returns an identical graph. ``mapping`` has one entry per block, each in ``[0, L)``.
+    Invariant: the graph keeps its block calls and every other node; only the targets of the growable units'
+    calls change (position i calls unit ``mapping[i]``), so the identity mapping returns an identical graph.
+    ``mapping`` has one entry per growable unit, each in ``[0, L)``.
     """
-    mapping = tuple(mapping)
-    if len(mapping) != stack.depth or not all(0 <= m < stack.depth for m in mapping):
-        raise GrowopsError(f"tie_blocks needs one block index in [0, {stack.depth}) per position, got {mapping}")
+    mapping, layers = tuple(mapping), stack.layers
+    if len(mapping) != layers or not all(0 <= m < layers for m in mapping):
+        raise GrowopsError(f"tie_blocks needs one unit index in [0, {layers}) per position, got {mapping}")
     gm = gm if inplace else fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
-    for node, index in zip(_block_calls(gm.graph, stack), mapping):
-        node.target = stack.blocks[index]
+    calls = _block_calls(gm.graph, stack)
+    for position, unit in enumerate(mapping):
+        for call, target in zip((calls[i] for i in stack.layout.unit(position)), stack.unit(unit)):
+            call.target = target
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -88,11 +94,14 @@ def _slot_value(node: fx.Node, key):
     return node.args[key] if isinstance(key, int) else node.kwargs[key]
 
 
-def _chain_slot(calls: list[fx.Node]):
-    """``(slot, out_index, glue)``: the argument slot that carries the hidden state, the index of the hidden
-    state in a block's output (None if the output is the hidden state), and the getitem nodes in between."""
-    found, glue = None, {}
-    for prev, node in zip(calls, calls[1:]):
+def _chain_slots(calls: list[fx.Node], period: int):
+    """``(slot per phase, out_index per phase, glue)``: the argument slot through which each block of a unit takes the
+    hidden state, the index of the hidden state in each block's output (None if the output is the hidden state), and
+    the getitem nodes in between. Call k is block k % period of its unit."""
+    slots: dict[int, object] = {}
+    outs: dict[int, object] = {}
+    glue = {}
+    for k, (prev, node) in enumerate(zip(calls, calls[1:]), start=1):
         hits = []
         for key in _slots(node):
             value = _slot_value(node, key)
@@ -103,21 +112,30 @@ def _chain_slot(calls: list[fx.Node]):
                 hits.append((key, value.args[1], value))
         if len(hits) != 1:
             raise GrowopsError(f"{node.target} must take {prev.target}'s output in exactly one argument, found "
-                               f"{len(hits)}: insert_depth_gate handles a plain chain of blocks")
+                               f"{len(hits)}: insert_depth_gate handles a plain chain of blocks (code between the "
+                               "blocks, such as a residual written in the loop, needs a forward that iterates the "
+                               "container: `for block in self.layers: ...`)")
         key, index, item = hits[0]
-        if found is not None and found != (key, index):
-            raise GrowopsError(f"blocks pass the hidden state in different arguments ({found} and {(key, index)})")
-        found = (key, index)
+        _agree(slots, k % period, key, "arguments")
+        _agree(outs, (k - 1) % period, index, "output items")
         expected_users = {node} if item is None else {item}
         if set(prev.users) != expected_users or (item is not None and set(item.users) != {node}):
             raise GrowopsError(f"the output of {prev.target} is used outside the chain of blocks "
                                f"(by {sorted(u.name for u in prev.users)}); insert_depth_gate needs a plain chain")
         if item is not None:
             glue[prev] = (item,)
-    return found[0], found[1], glue
+    return [slots[r] for r in range(period)], [outs[r] for r in range(period)], glue
+
+
+def _agree(table: dict, phase: int, value, what: str) -> None:
+    if phase in table and table[phase] != value:
+        raise GrowopsError(f"blocks pass the hidden state in different {what} ({table[phase]!r} and {value!r}); "
+                           "insert_depth_gate needs one call form per block of a unit")
+    table[phase] = value
 
 
 def _template(calls: list[fx.Node], slot_key, out_index, shared_nodes: list[fx.Node]) -> CallTemplate:
+    """The call template of one block of a unit, from its calls in every unit."""
     def slot(key) -> Slot:
         if key == slot_key:
             return Slot("hidden")

@@ -28,30 +28,41 @@ class TracedModel:
 
 
 class _LeafTracer(fx.Tracer):
-    """symbolic_trace that keeps the given modules as ``call_module`` leaves, so their insides need not trace."""
+    """symbolic_trace that keeps the given modules as ``call_module`` leaves, so their insides need not trace, and
+    traces into torch.nn modules that hold one (``nn.TransformerEncoder``'s layers), which FX keeps as leaves by
+    default. Records each node's source line, for errors that point at the user's code."""
 
-    def __init__(self, leaves: set[nn.Module] = frozenset()):
-        # The default lets FX rebuild a pickled GraphModule, which constructs its tracer class with no arguments.
+    def __init__(self, leaves: set[nn.Module] = frozenset(), holders: set[int] = frozenset()):
+        # The defaults let FX rebuild a pickled GraphModule, which constructs its tracer class with no arguments.
         super().__init__()
-        self.leaves = leaves
+        self.leaves = {id(m) for m in leaves}
+        self.holders = holders
+        self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return any(m is leaf for leaf in self.leaves) or super().is_leaf_module(m, qualname)
+        if id(m) in self.leaves:
+            return True
+        return id(m) not in self.holders and super().is_leaf_module(m, qualname)
 
 
 def symbolic_trace(model: nn.Module, leaves: set[nn.Module] = frozenset()) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with `leaves` kept as ``call_module`` nodes."""
-    graph = _LeafTracer(set(leaves)).trace(model)
+    """``torch.fx.symbolic_trace`` with `leaves` kept as ``call_module`` nodes and the modules above them traced."""
+    leaf_ids = {id(m) for m in leaves}
+    above = set()  # module paths above a leaf
+    for path, m in model.named_modules():
+        if id(m) in leaf_ids:
+            parts = path.split(".") if path else []
+            above.update(".".join(parts[:i]) for i in range(len(parts)))
+    holders = {id(m) for path, m in model.named_modules() if path in above}
+    graph = _LeafTracer(set(leaves), holders).trace(model)
     return fx.GraphModule(model, graph, type(model).__name__)
 
 
 def example_inputs_for(model: nn.Module, example_inputs: Any = None) -> tuple[tuple, dict] | None:
-    """``(args, kwargs)`` to run `model` on: the given example inputs, else the Hugging Face convention
-    ``model.dummy_inputs``; caches are turned off (``use_cache=False``) where the forward takes that flag."""
+    """``(args, kwargs)`` from `example_inputs` (a tensor, a tuple of args, a dict of kwargs or (args, kwargs)), None
+    for None; caches are turned off (``use_cache=False``) where the forward takes that flag."""
     if example_inputs is None:
-        example_inputs = getattr(model, "dummy_inputs", None)
-        if example_inputs is None:
-            return None
+        return None
     if isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, torch.Tensor):
@@ -72,12 +83,33 @@ def example_inputs_for(model: nn.Module, example_inputs: Any = None) -> tuple[tu
     return args, kwargs
 
 
+def _candidate_inputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:
+    """``(what, inputs)`` to try torch.export on, in order: the user's example inputs alone if given; else the
+    model's ``dummy_inputs`` and, for a Hugging Face model, inputs built from its config."""
+    if example_inputs is not None:
+        return [("the example inputs", example_inputs)]
+    out = []
+    try:
+        dummy = getattr(model, "dummy_inputs", None)
+    except Exception:  # noqa: BLE001 - a dummy_inputs property that fails (several HF vision models): skip it
+        dummy = None
+    if dummy is not None:
+        out.append(("its dummy_inputs", dummy))
+    from ..integrations.hf_inputs import config_inputs, is_hf_model
+    if is_hf_model(model):
+        built = config_inputs(model)
+        if built is not None:
+            out.append(("inputs built from its config", built))
+    return out
+
+
 def trace_model(model: nn.Module, leaves: set[nn.Module] = frozenset(), example_inputs: Any = None,
                 training: bool = False) -> TracedModel:
     """Trace `model` without gradients, in eval mode unless `training`; its training flags are restored afterwards.
 
-    Tries symbolic tracing first (no inputs needed), then ``torch.export`` on the example inputs (always in eval
-    mode: the export graph is used for analysis only). Raises GrowopsError naming both failures when neither works.
+    Tries symbolic tracing first (no inputs needed), then ``torch.export`` on example inputs (always in eval mode:
+    the export graph is used for analysis only): `example_inputs` if given, else the model's ``dummy_inputs``, else
+    (Hugging Face models) inputs built from its config. Raises GrowopsError naming every failure when none works.
     """
     modes = {m: m.training for m in model.modules()}
     model.train(training)
@@ -85,28 +117,34 @@ def trace_model(model: nn.Module, leaves: set[nn.Module] = frozenset(), example_
         try:
             return TracedModel(symbolic_trace(model, leaves), "symbolic")
         except Exception as e:  # noqa: BLE001 - any tracing failure means: try export
-            symbolic_error = _first_line(e)
+            symbolic_error = first_line(e)
         model.eval()
-        inputs = example_inputs_for(model, example_inputs)
-        if inputs is None:
+        candidates = _candidate_inputs(model, example_inputs)
+        name = type(model).__name__
+        if not candidates:
             raise GrowopsError(
-                f"cannot trace {type(model).__name__}: torch.fx.symbolic_trace failed ({symbolic_error}) and there are "
-                "no example inputs for torch.export; pass example_inputs=(args, kwargs) (or a dict of kwargs), "
-                "or give the model a `dummy_inputs` property as Hugging Face models have")
-        try:
-            with torch.no_grad():
-                program = torch.export.export(model, inputs[0], inputs[1], strict=False)
-        except Exception as e:  # noqa: BLE001
-            raise GrowopsError(
-                f"cannot trace {type(model).__name__}: torch.fx.symbolic_trace failed ({symbolic_error}) and "
-                f"torch.export failed on the example inputs ({_first_line(e)}); check that "
-                "model(*args, **kwargs) runs on the example inputs") from e
-        return TracedModel(program.module(), "export", symbolic_error)
+                f"cannot trace {name} without example inputs: torch.fx.symbolic_trace failed ({symbolic_error}), and "
+                f"torch.export needs inputs, which {name} does not provide (no dummy_inputs); pass one batch as "
+                "example_inputs= (a tensor, a tuple of args, a dict of kwargs, or (args, kwargs))")
+        failures = []
+        for what, inputs in candidates:
+            args, kwargs = example_inputs_for(model, inputs)
+            try:
+                with torch.no_grad():
+                    program = torch.export.export(model, args, kwargs, strict=False)
+            except Exception as e:  # noqa: BLE001 - try the next inputs, report all
+                failures.append(f"on {what}: {first_line(e)}")
+                continue
+            return TracedModel(program.module(), "export", symbolic_error)
+        fix = ("check that the model runs on them" if example_inputs is not None else
+               "pass one batch the model runs on as example_inputs=")
+        raise GrowopsError(f"cannot trace {name}: torch.fx.symbolic_trace failed ({symbolic_error}) and torch.export "
+                           f"failed {'; '.join(failures)}; {fix}")
     finally:
         for m, mode in modes.items():
             m.training = mode
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"

@@ -1,0 +1,237 @@
+"""The plan: what growops found in a model and how it will grow it, decided before anything changes.
+
+``growops.plan(model)`` traces the model, finds its block stack(s) (``growops.fx.analysis``), sorts the values that
+differ between units (``growops.values``) and probes how the forward reaches the blocks. The result prints as a
+summary a user can check; ``apollo(model, ..., plan=p)`` applies it, and ``p.declare(...)`` settles values growops
+could not decide::
+
+    >>> p = growops.plan(model)
+    >>> print(p)
+    growops plan: container mode, L = 12
+      transformer.h: 12 growable blocks (transformer.h.0..transformer.h.11)
+        per layer: attn.layer_idx = (0, 1, 2, ...)
+
+Modes: ``"container"`` when the forward iterates the container (``for block in self.layers``, a slice, or
+``range(len(self.layers))`` with indexing), so the container itself runs the positions; ``"graph"`` when it reaches
+its blocks some other way (``self.layers[i]`` for ``i in range(self.n_layer)``), so an FX graph with a depth gate runs
+instead (needs ``torch.fx.symbolic_trace``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .errors import GrowopsError, GrowopsTypeError
+from .fx.analysis import BlockStack, analyse, call_sequence
+from .fx.trace import TracedModel, trace_model
+from .stack import STACK_ATTR, StackRuntime, can_share, share, unshare
+from .structure import block_containers, difference, module_signature
+from .values import classify, read
+
+MODES = ("container", "graph")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which stacks grow (their fixed blocks and growable units, per-layer values) and how the model runs them."""
+
+    stacks: tuple[BlockStack, ...]
+    mode: str
+
+    @property
+    def layers(self) -> int:
+        """L: growable units per stack (every stack has the same)."""
+        return self.stacks[0].layers
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(s.path for s in self.stacks)
+
+    def __str__(self) -> str:
+        lines = [f"growops plan: {self.mode} mode, L = {self.layers}"]
+        for s in self.stacks:
+            lines.append(f"  {s.describe()}")
+            lines += [f"    fixed {reason}" for reason in s.fixed_reasons]
+            lines += [f"    per layer: {p} = {_short(v)}" for p, v in s.per_layer_values.items()]
+            lines += [f"    undecided: {p} = {_short(v)}" for p, v in s.undecided_values.items()]
+        return "\n".join(lines)
+
+    def declare(self, per_layer: Sequence[str] = (), constant: Sequence[str] = ()) -> Plan:
+        """A copy with values settled by their path inside a unit (as ``print(plan)`` shows them): those in
+        `per_layer` are given per position, those in `constant` are part of the block like its weights."""
+        stacks = []
+        for s in self.stacks:
+            undecided = dict(s.undecided_values)
+            found = {**s.per_layer_values, **undecided}
+            chosen = {p: found[p] for p in per_layer if p in found}
+            for p in [*per_layer, *constant]:
+                undecided.pop(p, None)
+            per = {p: v for p, v in {**s.per_layer_values, **chosen}.items() if p not in constant}
+            stacks.append(dataclasses.replace(s, per_layer_values=per, undecided_values=undecided))
+        unknown = [p for p in [*per_layer, *constant]
+                   if not any(p in s.per_layer_values or p in s.undecided_values for s in self.stacks)]
+        if unknown:
+            raise GrowopsError(f"declare: {unknown} are not values this plan found; the plan lists them as 'per layer' "
+                               "or 'undecided' paths inside a unit")
+        return Plan(tuple(stacks), self.mode)
+
+
+def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, example_inputs: Any = None) -> Plan:
+    """Analyse `model` without changing it (see the module docstring); raise a GrowopsError naming what is missing."""
+    if not isinstance(model, nn.Module):
+        raise GrowopsTypeError(f"growops plans an nn.Module, got {type(model).__name__}")
+    wrapped = [name for name, m in model.named_modules() if STACK_ATTR in m.__dict__]
+    if wrapped:
+        raise GrowopsError(f"{wrapped[0] or type(model).__name__} is already managed by a growops.apollo wrapper: wrap "
+                           "the original model once; to grow a grown model again, wrap a.export()")
+    containers = block_containers(model)
+    wanted = _wanted(model, stack, containers)
+    leaves = {model.get_submodule(b) for blocks, _ in containers.values() for b in blocks}
+    traced = trace_model(model, leaves, example_inputs)
+    found, notes = analyse(traced.graph_module, model)
+    chosen = _choose(model, found, notes, wanted)
+    stacks = tuple(_with_values(model, s) for s in chosen)
+    if len({s.layers for s in stacks}) > 1:
+        listing = ", ".join(f"{s.path} ({s.layers})" for s in stacks)
+        raise GrowopsError(f"stacks grown together must have the same number of growable blocks, got {listing}: "
+                           "grow one stack (stack='...'), or give them equal depths")
+    if any(not s.path for s in stacks):
+        raise GrowopsError(f"{type(model).__name__} is itself the block container: wrap it in a module that holds it "
+                           "as an attribute (e.g. self.blocks) and calls it")
+    return Plan(stacks, _probe_mode(model, stacks, traced, leaves, example_inputs))
+
+
+def check_plan(model: nn.Module, plan: Plan) -> None:
+    """Raise a GrowopsError unless `plan` describes `model` (its stacks, children and per-layer values)."""
+    if not isinstance(plan, Plan):
+        raise GrowopsTypeError(f"plan= takes a growops.plan(model) result, got {type(plan).__name__}")
+    if plan.mode not in MODES:
+        raise GrowopsError(f"plan mode must be one of {MODES}, got {plan.mode!r}")
+    modules = dict(model.named_modules())
+    for s in plan.stacks:
+        if s.path not in modules:
+            raise GrowopsError(f"the plan's stack {s.path!r} is not a module of {type(model).__name__}")
+        children = tuple(f"{s.path}.{n}" if s.path else n for n in modules[s.path]._modules)
+        if children != s.blocks or s.layout.size != len(children):
+            raise GrowopsError(f"the plan's stack {s.path} lists {len(s.blocks)} blocks, the model holds "
+                               f"{len(children)} there: was the plan made for another model?")
+        sigs = [module_signature(modules[b]) for b in s.blocks]
+        for u in range(1, s.layers):
+            for i, j in zip(s.layout.unit(0), s.layout.unit(u)):
+                if sigs[i] != sigs[j]:
+                    raise GrowopsError(f"the plan grows {s.blocks[j]} from {s.blocks[i]}, but "
+                                       f"{difference(modules[s.blocks[i]], modules[s.blocks[j]])}")
+        unit = [modules[b] for b in s.unit(0)]
+        for path in s.per_layer_values:
+            try:
+                read(unit, path)
+            except (AttributeError, ValueError, IndexError):
+                raise GrowopsError(f"the plan's per-layer value {path!r} is not in {s.path}'s blocks") from None
+
+
+def _wanted(model: nn.Module, stack, containers: dict) -> tuple[str, ...]:
+    """The container paths asked for with ``stack=`` (checked), or () for "find it"."""
+    if stack is None:
+        if not containers:
+            raise GrowopsError(f"no repeated block stack in {type(model).__name__}: searched every module for one "
+                               "whose children repeat (two or more structurally identical blocks: same classes, "
+                               "parameter names and shapes, or a repeating pattern of them in an nn.ModuleList / "
+                               "nn.Sequential) and found none; growops needs a stack of blocks, e.g. an nn.ModuleList")
+        return ()
+    paths = (stack,) if isinstance(stack, str) else tuple(stack)
+    if not paths or not all(isinstance(p, str) for p in paths):
+        raise GrowopsError(f"stack= takes a container's module path or a tuple of them, got {stack!r}")
+    modules = dict(model.named_modules())
+    for path in paths:
+        if path in containers:
+            continue
+        if path not in modules:
+            raise GrowopsError(f"stack={path!r} is not a module of {type(model).__name__}; candidates: "
+                               f"{sorted(containers)}")
+        raise GrowopsError(f"stack={path!r} is not a container of repeated blocks in {type(model).__name__}"
+                           f"{_why_not_container(modules[path])}; candidates: {sorted(containers)}")
+    return paths
+
+
+def _why_not_container(module: nn.Module) -> str:
+    children = list(module.named_children())
+    if len(children) < 2:
+        return f" (it has {len(children)} child module{'s' if len(children) != 1 else ''})"
+    names = [n for n, _ in children]
+    if not all(n.isdigit() for n in names):
+        first = children[0][1]
+        for name, child in children[1:]:
+            if module_signature(child) != module_signature(first):
+                return f" (its children differ: {name}: {difference(first, child)})"
+    return " (no pattern of its children repeats)"
+
+
+def _choose(model: nn.Module, found: list[BlockStack], notes: list[str], wanted: tuple[str, ...]) -> list[BlockStack]:
+    why = "; ".join(notes) or "none"
+    if wanted:
+        by_path = {s.path: s for s in found}
+        for path in wanted:
+            if path not in by_path:
+                detail = [n for n in notes if n.startswith(f"{path} (")] or [why]
+                raise GrowopsError(f"stack={path!r} is not a chain of blocks in the traced forward: {detail[0]}")
+        return [by_path[p] for p in wanted]
+    if not found:
+        raise GrowopsError(f"no repeated block stack in {type(model).__name__}: containers of repeated blocks were "
+                           f"found but none is called as a chain in the traced forward ({why})")
+    if len(found) > 1:
+        listing = ", ".join(f"{s.path!r} ({s.layers} blocks)" for s in found)
+        raise GrowopsError(f"{type(model).__name__} holds several block stacks: {listing}; choose one with "
+                           f"stack='...', or grow them together with stack={tuple(s.path for s in found)!r}")
+    return found
+
+
+def _with_values(model: nn.Module, s: BlockStack) -> BlockStack:
+    units = [[model.get_submodule(b) for b in s.unit(u)] for u in range(s.layers)]
+    per_layer, undecided = classify(units)
+    return dataclasses.replace(s, per_layer_values=per_layer, undecided_values=undecided)
+
+
+def _probe_mode(model: nn.Module, stacks: tuple[BlockStack, ...], traced: TracedModel, leaves: set,
+                example_inputs: Any) -> str:
+    """"container" if the forward iterates every stack's container: traced again with each container running one
+    position, the graph must call each stack's fixed blocks and unit 0 once each (a forward that indexes up to a
+    depth of its own fails here). Else "graph"."""
+    containers = [model.get_submodule(s.path) for s in stacks]
+    if not all(can_share(c) for c in containers):
+        return "graph"
+    runtimes = [StackRuntime(c, s.layout, path=s.path) for c, s in zip(containers, stacks)]
+    for c, runtime in zip(containers, runtimes):
+        share(c, runtime)
+        runtime.unique = runtime.depth = runtime.layers = 1  # a throwaway runtime: one position in either mode
+        runtime.active += 1  # the traced forward is a forward: containers see positions
+    try:
+        probe = trace_model(model, leaves, example_inputs)
+    except GrowopsError:
+        return "graph"
+    finally:
+        for c in containers:
+            unshare(c)
+    for s in stacks:
+        lay = s.layout
+        expected = [*range(lay.prefix), *lay.unit(0), *range(lay.core().stop, lay.size)]
+        if call_sequence(probe.graph_module, s.blocks) != expected:
+            return "graph"
+    return "container"
+
+
+def _short(values: tuple) -> str:
+    text = ", ".join(_short_value(v) for v in values[:6])
+    return f"({text}{', ...' if len(values) > 6 else ''})"
+
+
+def _short_value(v: Any) -> str:
+    import torch
+    if isinstance(v, torch.Tensor):
+        return f"tensor{tuple(v.shape)}" if v.numel() > 4 else repr(v.tolist())
+    text = repr(v)
+    return text if len(text) <= 24 else text[:21] + "..."

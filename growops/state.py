@@ -1,0 +1,121 @@
+"""The schedule position an apollo model saves with its weights, and the checks that guard loading it.
+
+``a.state_dict()["_extra_state"]`` holds where the schedule stands (step, stage, unique, depth) and a fingerprint of
+every argument that changes training (stages, stage_steps, L, growth, sampler, seed, stacks, resample,
+optimizer_state). A load is checked whole before anything is written: the fingerprint, the position's ranges and
+consistency (step >= 0, stage is the stage of step, unique is that stage's count, unique <= depth <= L), every
+tensor's type and shape, and (strict loads) the keys. A custom sampler is identified by its qualified name and a
+digest of its code: another name is an error, the same name with other code a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Any
+
+import torch
+
+from .errors import GrowopsError
+from .schedule import Schedule
+
+STATE_VERSION = 1
+EXTRA = "_extra_state"
+
+
+def sampler_identity(name: str, sampler: Any) -> dict:
+    """``{"sampler": name, "sampler_code": digest}``; builtin samplers have no digest."""
+    return {"sampler": name, "sampler_code": None if isinstance(sampler, str) else _digest(sampler)}
+
+
+def check_position(state: dict, schedule: Schedule, layers: int) -> None:
+    """Raise a GrowopsError unless the saved position is one this schedule can be at."""
+    for key in ("step", "stage", "unique", "depth"):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise GrowopsError(f"saved growops state has {key}={value!r}; it must be a non-negative int")
+    step, stage, unique, depth = (state[k] for k in ("step", "stage", "unique", "depth"))
+    if stage != schedule.stage_at(step):
+        raise GrowopsError(f"saved growops state is at step {step} in stage {stage}, but step {step} belongs to stage "
+                           f"{schedule.stage_at(step)} of this schedule (stage_steps={list(schedule.stage_steps)})")
+    if unique != schedule.stages[stage]:
+        raise GrowopsError(f"saved growops state has unique={unique} in stage {stage}, which holds "
+                           f"{schedule.stages[stage]} unique blocks")
+    if not unique <= depth <= layers:
+        raise GrowopsError(f"saved growops state has depth={depth}; it must lie in [unique={unique}, L={layers}]")
+
+
+def check_fingerprint(state: Any, here: dict) -> None:
+    """Raise a GrowopsError unless `state` was saved under the same arguments (`here`); warn if only a custom
+    sampler's code differs."""
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise GrowopsError(f"unrecognised growops state {_short(state)}: expected a dict saved by a.state_dict()")
+    diff = {k: (state.get(k), v) for k, v in here.items() if k != "sampler_code" and state.get(k) != v}
+    if diff:
+        detail = "; ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in diff.items())
+        raise GrowopsError(f"this state was saved under another schedule or model ({detail}); build apollo with "
+                           "the same arguments and model to resume")
+    if state.get("sampler_code") != here.get("sampler_code"):
+        warnings.warn(f"growops: the sampler {here['sampler']} has other code than the one this state was saved "
+                      "with; the depths drawn from here on may differ from the original run's", stacklevel=4)
+
+
+def check_tensors(own: dict, incoming: dict, strict: bool, prefix: str = "") -> None:
+    """Raise a GrowopsError unless every entry of `incoming` fits the module whose state is `own` (both without
+    `prefix`, which the messages add back): tensors where tensors are, same shapes, and (strict) the same keys."""
+    if strict:
+        missing = [prefix + k for k in sorted(set(own) - set(incoming))]
+        unexpected = [prefix + k for k in sorted(set(incoming) - set(own))]
+        if missing or unexpected:
+            raise GrowopsError(f"state_dict does not match this model: missing {missing[:5]}, unexpected "
+                               f"{unexpected[:5]}; was it saved from another model? "
+                               "(load_state_dict(..., strict=False) loads what matches)")
+    for key, value in incoming.items():
+        mine = own.get(key)
+        if not isinstance(mine, torch.Tensor):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise GrowopsError(f"state_dict entry {prefix + key} is a {type(value).__name__}, not a tensor")
+        if value.shape != mine.shape:
+            raise GrowopsError(f"state_dict entry {prefix + key} has shape {tuple(value.shape)}, this model's has "
+                               f"{tuple(mine.shape)}; was it saved from another model?")
+
+
+def _digest(sampler: Any) -> str:
+    """A digest of what a callable computes: its code, constants, defaults and closure values."""
+    h = hashlib.sha256()
+    func = sampler if hasattr(sampler, "__code__") else type(sampler).__dict__.get("__call__")
+    if hasattr(func, "__code__"):
+        _feed_code(h, func.__code__)
+        h.update(repr((func.__defaults__, getattr(func, "__kwdefaults__", None))).encode())
+        for cell in getattr(func, "__closure__", None) or ():
+            h.update(_plain_repr(cell.cell_contents).encode())
+    if not hasattr(sampler, "__code__"):
+        h.update(_plain_repr(getattr(sampler, "__dict__", {})).encode())
+    return h.hexdigest()[:16]
+
+
+def _feed_code(h, code) -> None:
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            _feed_code(h, const)
+        else:
+            h.update(_plain_repr(const).encode())
+
+
+def _plain_repr(value: Any) -> str:
+    """repr for plain data; a type name for anything whose repr may hold a memory address."""
+    if isinstance(value, (int, float, str, bool, bytes, type(None))):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__}({', '.join(map(_plain_repr, value))})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_plain_repr(k)}: {_plain_repr(v)}" for k, v in value.items()) + "}"
+    return f"<{type(value).__qualname__}>"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,285 @@
+""""Any nn.Module": the growth invariants on random small architectures (tests/archs.py), and the patterns that
+growops grows or refuses with the real reason."""
+
+import copy
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import growops
+from growops import GrowopsError
+from growops.maps import depth_map
+from tests.archs import VALUES, Arch, Net, archs
+
+
+def _per_layer(model: Net) -> list[dict]:
+    out = []
+    for block in model.layers._modules.values():
+        out.append({name: getattr(block, f"v_{name}") for name in block.value_kinds})
+    return out
+
+
+def _same_values(a: list[dict], b: list[dict]) -> bool:
+    return all(x.keys() == y.keys() and all(
+        torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x) for x, y in zip(a, b))
+
+
+@pytest.mark.filterwarnings("ignore:growops. stages")
+@given(archs(), st.data())
+def test_invariants_on_random_architectures(arch, data):
+    x = arch.inputs()
+    # One stage of all units is the original model, in training and in evaluation.
+    model = arch.build()
+    reference = copy.deepcopy(model)
+    a = growops.apollo(model, stages=(arch.units,), stage_steps=(), sampler="full")
+    assert a.mode == arch.mode and a.layers == arch.units
+    for train in (True, False):
+        a.train(train)
+        reference.train(train)
+        assert torch.equal(a(x), reference(x))
+
+    # Growth by a multiple keeps the function at every depth; export equals evaluation mid-schedule.
+    units = arch.units
+    unique = data.draw(st.sampled_from([u for u in (1, 2, 3) if units % u == 0 and u < units]))
+    grown = data.draw(st.sampled_from([n for n in range(2 * unique, units + 1, unique) if units % n == 0]))
+    stages = (unique, grown) if grown == units else (unique, grown, units)
+    model = arch.build()
+    original_values, keys = _per_layer(model), list(model.state_dict())
+    a = growops.apollo(model, stages=stages, stage_steps=tuple(range(1, len(stages))), optimizer_state="keep")
+    depths = data.draw(st.lists(st.integers(grown, units), min_size=1, max_size=2))
+    with torch.no_grad():
+        before = {}
+        for d in depths:
+            a._configure(unique, d)
+            before[d] = a(x)
+        a.eval()
+        full = a(x)
+        exported = a.export().eval()
+        assert type(exported) is Net and list(exported.state_dict()) == keys
+        assert _same_values(_per_layer(exported), original_values)
+        torch.testing.assert_close(exported(x), full, rtol=0, atol=1e-6)
+        a.train()
+        a.step()  # unique -> grown: every new unit copies its source, per-layer values stay
+        for d in depths:
+            a._configure(grown, d)
+            torch.testing.assert_close(a(x), before[d], rtol=0, atol=1e-5)
+        assert _same_values(_per_layer(model), original_values)  # after forwards and growth, each block has its own
+
+
+@pytest.mark.parametrize("values", [("buffer",), ("nonpersistent",), ("tuple", "enum", "tensor0d", "none_or_int")])
+def test_per_layer_values_are_given_by_position_and_never_copied(values):
+    """Position i runs with layer i's values at every depth; the grown model keeps every layer's own."""
+    arch = Arch("modulelist", "iterate", "A", 4, "", "", values, False)
+    model = arch.build()
+    a = growops.apollo(model, stages=(1, 4), stage_steps=(1,), optimizer_state="keep")
+    assert set(a.plan.stacks[0].per_layer_values) == {f"v_{v}" for v in values}
+    seen = []
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda m, args: seen.append([getattr(m, f"v_{v}") for v in values]))
+    a.eval()
+    a(arch.inputs())
+    expected = [[VALUES[v][0](i) for v in values] for i in range(4)]
+    assert all(_same_values([dict(zip(values, s))], [dict(zip(values, e))]) for s, e in zip(seen, expected))
+    a.step()
+    exported = a.export()
+    assert _same_values(_per_layer(exported), _per_layer(arch.build()))
+    if "buffer" in values:
+        state = a.state_dict()
+        assert [state[f"model.layers.{i}.v_buffer"][0].item() for i in range(4)] == [1.0, 2.0, 3.0, 4.0]
+
+
+class _Weighted(nn.Module):
+    """Keeps every layer's output for a learned weighted sum: at a sampled depth that sum would silently shrink."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(n)])
+        self.mix = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        outs = []
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+            outs.append(x)
+        return sum(self.mix[i] * o for i, o in enumerate(outs))
+
+
+class _Tap(_Weighted):
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = torch.tanh(layer(x))
+            if i == 1:
+                tap = x
+        return x + tap
+
+
+class _Collect(_Weighted):
+    """Returns every layer's output as it is (output_hidden_states): supported."""
+
+    def forward(self, x):
+        hidden = [x]
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+            hidden.append(x)
+        return x, tuple(hidden)
+
+
+class _Residual(_Weighted):
+    """A residual written in the loop: glue between the blocks, not a use outside the chain."""
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("cls, line", [(_Weighted, "sum(self.mix[i] * o for i, o in"), (_Tap, "return x + tap")])
+def test_block_outputs_used_outside_the_chain_are_refused(cls, line):
+    model = cls()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(GrowopsError, match=f"layers.[0-2]'s output is used outside the chain of blocks.*"
+                                           f"{re.escape(line)}"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    assert type(model.layers) is nn.ModuleList and not model.layers._forward_pre_hooks
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_collected_hidden_states_and_loop_residuals_work():
+    x = torch.randn(2, 4)
+    a = growops.apollo(_Collect(), stages=(2, 4), stage_steps=(5,), sampler="unique")
+    out, hidden = a(x)
+    assert len(hidden) == 1 + a.depth == 3
+    a.eval()
+    assert len(a(x)[1]) == 5  # evaluation runs all L
+    r = growops.apollo(_Residual(), stages=(2, 4), stage_steps=(5,), sampler="unique")
+    assert r.mode == "container" and r(x).shape == (2, 4)
+
+
+def _t5_like():
+    return Arch("modulelist", "iterate", "A", 4, "P", "", ("int",), True)
+
+
+def test_fixed_first_block_keeps_its_position_and_weights():
+    arch = _t5_like()
+    model = arch.build()
+    table = model.layers[0].table.detach().clone()
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), sampler="unique", optimizer_state="keep")
+    (stack,) = a.plan.stacks
+    assert stack.layout.prefix == 1 and a.layers == 4
+    assert stack.fixed_reasons == ("layers.0: it has an extra parameter table",)
+    seen = []
+    for i, block in enumerate(model.layers):
+        block.register_forward_pre_hook(lambda m, args, i=i: seen.append(i))
+    a(arch.inputs())
+    assert seen == [0, 1, 2]  # the fixed block, then 2 positions of the 2 live units
+    a.step()
+    assert torch.equal(model.layers[0].table, table)
+    with pytest.raises(GrowopsError, match=r"last stage must hold all L=4.*4 growable blocks \(layers.1..layers.4\); "
+                                           "fixed: layers.0"):
+        growops.apollo(arch.build(), stages=(1, 5), stage_steps=(1,))
+
+
+def test_first_dense_then_mixture_and_alternating_kinds():
+    dense_then_moe = Arch("modulelist", "slice", "C", 4, "AA", "", (), False)
+    a = growops.apollo(dense_then_moe.build(), stages=(2, 4), stage_steps=(1,))
+    assert a.plan.stacks[0].layout.prefix == 2 and a.layers == 4
+    alternating = Arch("modulelist", "iterate", "AB", 3, "", "", ("int",), False)
+    a = growops.apollo(alternating.build(), stages=(1, 3), stage_steps=(1,), sampler="full")
+    assert (a.plan.stacks[0].layout.period, a.layers) == (2, 3)
+    assert "2 growable units of 2 blocks" not in str(a.plan) and "3 growable units of 2 blocks" in str(a.plan)
+
+
+def test_unsupported_stacks_name_the_real_reason():
+    class TwoKinds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4, bias=False), nn.Linear(4, 4), nn.Identity()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    with pytest.raises(GrowopsError, match="no repeated block stack in TwoKinds"):
+        growops.apollo(TwoKinds(), stages=(1, 2), stage_steps=(1,))
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4, bias=False)})
+
+        def forward(self, x):
+            return self.stack["b"](self.stack["a"](x))
+
+    with pytest.raises(GrowopsError, match=r"'stack' is not a container of repeated blocks in Named \(its children "
+                                           r"differ: b: it lacks the parameter bias\)"):
+        growops.apollo(Named(), stages=(1, 2), stage_steps=(1,), stack="stack")
+
+
+def test_torch_transformer_encoder():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.enc(x))
+
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(GrowopsError, match="cannot trace Net without example inputs.*pass one batch as example_inputs"):
+        growops.apollo(Net(), stages=(2, 4), stage_steps=(1,))
+    model = Net().eval()
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), example_inputs=(x,), optimizer_state="keep").eval()
+    assert a.plan.stacks[0].path == "enc.layers" and a.mode == "container"
+    before = a(x)
+    a.step()
+    torch.testing.assert_close(a(x), before, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.export()(x), a(x), rtol=0, atol=1e-6)
+
+
+class _EncDec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleList([nn.Linear(4, 4) for _ in range(4)])
+        self.decoder = nn.ModuleList([nn.Linear(4, 4) for _ in range(4)])
+        self.short = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.encoder:
+            x = torch.tanh(layer(x))
+        memory = x
+        for layer in self.decoder:
+            x = torch.tanh(layer(x)) + memory
+        for layer in self.short:
+            x = layer(x)
+        return x
+
+
+def test_several_stacks_grow_together_and_export_together():
+    model = _EncDec()
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), stack=("encoder", "decoder"), sampler="unique",
+                       optimizer_state="keep")
+    assert a.plan.paths == ("encoder", "decoder")
+    seen = []
+    for name in ("encoder", "decoder"):
+        for i, layer in enumerate(getattr(model, name)):
+            layer.register_forward_pre_hook(lambda m, args, k=(name, i): seen.append(k))
+    x = torch.randn(2, 4)
+    a(x)
+    assert seen == [("encoder", 0), ("encoder", 1), ("decoder", 0), ("decoder", 1)]
+    a.eval()
+    full = a(x)
+    exported = a.export()
+    torch.testing.assert_close(exported(x), full)
+    for name in ("encoder", "decoder"):
+        stack = getattr(exported, name)
+        for j, s in enumerate(depth_map(2, 4)):
+            assert torch.equal(stack[j].weight, getattr(model, name)[s].weight)
+    with pytest.raises(GrowopsError, match="same number of growable blocks.*encoder \\(4\\), short \\(2\\)"):
+        growops.apollo(_EncDec(), stages=(2, 4), stage_steps=(1,), stack=("encoder", "short"))

@@ -1,0 +1,83 @@
+import enum
+import functools
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from growops.values import classify, read, write
+
+
+class Kind(enum.Enum):
+    LOCAL = 1
+    GLOBAL = 2
+
+
+class Helper:
+    """A plain object per block (compared by its attributes)."""
+
+    def __init__(self, base):
+        self.base = base
+
+
+class Opaque:
+    """Identity equality and no attributes: growops cannot compare two of these."""
+
+    __slots__ = ()
+
+
+def _block(i: int) -> nn.Module:
+    block = nn.Sequential(nn.Linear(2, 2))
+    attn = block[0]
+    attn.layer_idx = i
+    attn.window = (4, 4) if i % 2 else None  # a tuple in some layers, None in others
+    attn.kind = Kind.LOCAL if i % 2 else Kind.GLOBAL
+    attn.scale = torch.tensor(1.0 / (i + 1))  # a 0-d tensor attribute
+    attn.same_list = [1, 2]  # equal in every block
+    attn.act = functools.partial(torch.nn.functional.gelu, approximate="tanh")  # equal, distinct objects
+    attn.helper = Helper(10.0 * (i % 2))
+    attn.same_helper = Helper(3)
+    attn.self_ref = [attn.weight]  # the block's own tensor: the same in every block
+    attn.register_buffer("rope_base", torch.tensor([1e4 if i % 2 else 1e6]))  # persistent, per layer
+    attn.register_buffer("mask", torch.tril(torch.ones(3, 3)) * (i % 2 + 1), persistent=False)
+    attn.register_buffer("causal", torch.ones(3, 3), persistent=False)  # equal in every block
+    return block
+
+
+def test_every_kind_of_differing_value_is_per_layer():
+    per_layer, undecided = classify([[_block(i)] for i in range(4)])
+    assert set(per_layer) == {"0.layer_idx", "0.window", "0.kind", "0.scale", "0.helper", "0.rope_base", "0.mask"}
+    assert per_layer["0.layer_idx"] == (0, 1, 2, 3) and per_layer["0.window"] == (None, (4, 4), None, (4, 4))
+    assert undecided == {}
+
+
+def test_norm_running_statistics_are_state_not_per_layer():
+    blocks = [nn.Sequential(nn.BatchNorm1d(2)) for _ in range(3)]
+    blocks[1][0].running_mean += 1
+    assert classify([[b] for b in blocks]) == ({}, {})
+
+
+def test_incomparable_values_are_undecided():
+    blocks = [_block(0) for _ in range(3)]
+    for b in blocks:
+        b[0].handle = Opaque()
+    per_layer, undecided = classify([[b] for b in blocks])
+    assert set(undecided) == {"0.handle"} and per_layer == {}
+
+
+def test_periodic_units_name_values_by_their_block():
+    units = [[_block(2 * u), _block(2 * u + 1)] for u in range(3)]
+    per_layer, _ = classify(units)
+    assert per_layer["0.0.layer_idx"] == (0, 2, 4) and per_layer["1.0.layer_idx"] == (1, 3, 5)
+    assert "0.0.window" not in per_layer  # block 0 of every unit has window None
+
+
+@given(st.integers(0, 5), st.integers(0, 5))
+def test_write_then_read_round_trips_and_keeps_buffers_buffers(i, j):
+    a, b = _block(i), _block(j)
+    for path in ("0.layer_idx", "0.rope_base", "0.mask", "0.window"):
+        write([a], path, read([b], path))
+        assert read([a], path) is read([b], path)
+    assert "rope_base" in a[0]._buffers and "rope_base" in a[0].state_dict()
+    assert "mask" not in a[0].state_dict()  # still non-persistent
