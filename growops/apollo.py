@@ -47,7 +47,8 @@ def apollo(model: nn.Module, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 1000
     optimizer_state: ``"reset"``, ``"copy"`` or ``"keep"``, applied at growth by ``step(optimizer)``.
     seed: the depth at step t is drawn from a generator seeded by ``(seed, t)``.
     stack: the block container's module path when the model holds several stacks, or a tuple of paths to grow
-        several stacks together (same L, one schedule).
+        several stacks together (same L, one schedule). ``"model.layers[2:]"`` looks for the growable core among
+        children 2 and on only (the others stay fixed): for when the core growops finds is not the one you want.
     example_inputs: inputs for ``torch.export`` when the model does not symbolically trace; defaults to the
         model's ``dummy_inputs``, then (Hugging Face models) inputs built from its config.
     resample: ``"step"`` (one depth per optimizer step, so every micro-batch of a gradient-accumulation step runs
@@ -114,8 +115,9 @@ class Apollo(nn.Module):
             plan = make_plan(model, stack, example_inputs)
         else:
             check_plan(model, plan)
-            if stack is not None and tuple([stack] if isinstance(stack, str) else stack) != plan.paths:
-                raise GrowopsError(f"stack={stack!r} differs from the plan's stacks {plan.paths}: pass one of them")
+            if stack is not None:
+                raise GrowopsError("pass stack= to growops.plan(model, stack=...), not with plan=: the plan already "
+                                   f"chose {plan.paths}")
         _refuse_undecided(plan)
         # Everything that can reject the arguments runs before the model is touched.
         try:
@@ -323,7 +325,8 @@ class Apollo(nn.Module):
     def _fingerprint(self) -> dict:
         return {"stages": list(self._schedule.stages), "stage_steps": list(self._schedule.stage_steps),
                 "layers": self.layers, "growth": self._growth, **self._sampler_id, "seed": self._seed,
-                "stack": list(self._plan.paths), "resample": self._resample, "optimizer_state": self._policy}
+                "stack": [s.spec() for s in self._plan.stacks], "resample": self._resample,
+                "optimizer_state": self._policy}
 
     def _check_state(self, state) -> None:
         check_fingerprint(state, self._fingerprint())

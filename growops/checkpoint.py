@@ -11,15 +11,21 @@ import json
 from pathlib import Path
 
 from .apollo import Apollo
-from .errors import GrowopsError
+from .errors import GrowopsError, GrowopsTypeError
+from .state import EXTRA
 
-EXTRA = "_extra_state"
+
+def _check_wrapper(a, what: str) -> None:
+    if not isinstance(a, Apollo):
+        raise GrowopsTypeError(f"{what} takes the growops.apollo wrapper `a`, got a {type(a).__name__}; for a plain "
+                               "model use safetensors.torch.save_model / load_model")
 
 
 def save_safetensors(a: Apollo, path: str | Path) -> None:
     """Write `a`'s weights and schedule position to `path` (a ``.safetensors`` file)."""
     from safetensors.torch import save_file
 
+    _check_wrapper(a, "save_safetensors")
     state = a.state_dict()
     schedule = state.pop(EXTRA)
     tensors, aliases, first = {}, {}, {}
@@ -39,15 +45,27 @@ def load_safetensors(a: Apollo, path: str | Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    _check_wrapper(a, "load_safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state: dict = load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise GrowopsError(f"cannot read {path} as a safetensors file ({type(e).__name__}: {e}); was it written "
+                           "completely, by growops.save_safetensors?") from None
     if "growops" not in metadata:
         raise GrowopsError(f"{path} has no growops schedule in its metadata: it was not written by "
                            "growops.save_safetensors; load plain weights with a.model.load_state_dict(...)")
-    state: dict = load_file(str(path))
-    for alias, name in json.loads(metadata.get("aliases", "{}")).items():
-        state[alias] = state[name]
-    state[EXTRA] = json.loads(metadata["growops"])
+    try:
+        aliases, schedule = json.loads(metadata.get("aliases", "{}")), json.loads(metadata["growops"])
+        for alias, name in aliases.items():
+            state[alias] = state[name]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise GrowopsError(f"{path} has damaged growops metadata ({type(e).__name__}: {e}); it was not written by "
+                           "this version of growops.save_safetensors") from None
+    state[EXTRA] = schedule
     a.load_state_dict(state)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .fx.analysis import BlockStack
 from .maps import growth_sources
-from .values import state_names
+from .values import read
 
 Unit = Sequence[nn.Module]  # the blocks of one growable unit (one block for period-1 stacks)
 
@@ -23,18 +23,19 @@ Unit = Sequence[nn.Module]  # the blocks of one growable unit (one block for per
 def copy_units(units: Sequence[Unit], sources: Sequence[int], per_layer: Sequence[str] = ()) -> list[int]:
     """Copy the parameters and buffers of unit ``sources[j]`` into unit ``j``, except the per-layer values at unit
     paths `per_layer`; return the j that changed."""
-    period = len(units[0]) if units else 1
-    skip = {state_names(p, period) for p in per_layer}
     changed = [j for j, s in enumerate(sources) if s != j]
+    # Per-layer buffers are recognised by identity, not by name: a wrapper may rename state_dict keys.
+    own = {id(v) for u in {*changed, *(sources[j] for j in changed)} for p in per_layer
+           if isinstance(v := read(units[u], p), torch.Tensor)}
     # Snapshot the sources first: a source may itself be overwritten (stacking maps 3 -> 6 as 0,1,2,0,1,2).
-    snapshot = {s: [{k: v.detach().clone() for k, v in block.state_dict().items()
-                     if isinstance(v, torch.Tensor) and (r, k) not in skip}
-                    for r, block in enumerate(units[s])] for s in {sources[j] for j in changed}}
+    snapshot = {s: [{k: v.detach().clone() for k, v in block.state_dict(keep_vars=True).items()
+                     if isinstance(v, torch.Tensor) and id(v) not in own}
+                    for block in units[s]] for s in {sources[j] for j in changed}}
     for j in changed:
         for r, block in enumerate(units[j]):
             source = snapshot[sources[j]][r]
             for name, tensor in block.state_dict(keep_vars=True).items():
-                if name in source:
+                if name in source and id(tensor) not in own:
                     tensor.copy_(source[name])
     return changed
 

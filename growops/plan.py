@@ -20,6 +20,7 @@ instead (needs ``torch.fx.symbolic_trace``).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ from .errors import GrowopsError, GrowopsTypeError
 from .fx.analysis import BlockStack, analyse, call_sequence
 from .fx.trace import TracedModel, trace_model
 from .stack import STACK_ATTR, StackRuntime, can_share, share, unshare
-from .structure import block_containers, difference, module_signature
+from .structure import Layout, block_containers, difference, find_layout, join, module_signature
 from .values import classify, read
 
 MODES = ("container", "graph")
@@ -88,12 +89,13 @@ def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, exampl
     wrapped = [name for name, m in model.named_modules() if STACK_ATTR in m.__dict__]
     if wrapped:
         raise GrowopsError(f"{wrapped[0] or type(model).__name__} is already managed by a growops.apollo wrapper: wrap "
-                           "the original model once; to grow a grown model again, wrap a.export()")
+                           "the original model once (several stacks together: stack=('encoder.layers', "
+                           "'decoder.layers')); to grow a grown model again, wrap a.export()")
     containers = block_containers(model)
-    wanted = _wanted(model, stack, containers)
+    wanted, layouts = _wanted(model, stack, containers)
     leaves = {model.get_submodule(b) for blocks, _ in containers.values() for b in blocks}
     traced = trace_model(model, leaves, example_inputs)
-    found, notes = analyse(traced.graph_module, model)
+    found, notes = analyse(traced.graph_module, model, layouts)
     chosen = _choose(model, found, notes, wanted)
     stacks = tuple(_with_values(model, s) for s in chosen)
     if len({s.layers for s in stacks}) > 1:
@@ -134,31 +136,69 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
                 raise GrowopsError(f"the plan's per-layer value {path!r} is not in {s.path}'s blocks") from None
 
 
-def _wanted(model: nn.Module, stack, containers: dict) -> tuple[str, ...]:
-    """The container paths asked for with ``stack=`` (checked), or () for "find it"."""
+def _wanted(model: nn.Module, stack, containers: dict) -> tuple[tuple[str, ...], dict[str, Layout]]:
+    """The container paths asked for with ``stack=`` (checked), or () for "find it", and the layouts of those given
+    with a slice (``"model.layers[2:]"``: the growable core lies in children 2 and on, the others are fixed)."""
     if stack is None:
         if not containers:
             raise GrowopsError(f"no repeated block stack in {type(model).__name__}: searched every module for one "
                                "whose children repeat (two or more structurally identical blocks: same classes, "
                                "parameter names and shapes, or a repeating pattern of them in an nn.ModuleList / "
-                               "nn.Sequential) and found none; growops needs a stack of blocks, e.g. an nn.ModuleList")
-        return ()
-    paths = (stack,) if isinstance(stack, str) else tuple(stack)
-    if not paths or not all(isinstance(p, str) for p in paths):
+                               "nn.Sequential) and found none; growops needs a stack of blocks, e.g. an nn.ModuleList"
+                               f"{_near_misses(model)}")
+        return (), {}
+    specs = (stack,) if isinstance(stack, str) else tuple(stack)
+    if not specs or not all(isinstance(p, str) for p in specs):
         raise GrowopsError(f"stack= takes a container's module path or a tuple of them, got {stack!r}")
     modules = dict(model.named_modules())
-    for path in paths:
-        if path in containers:
+    paths, layouts = [], {}
+    for spec in specs:
+        path, window = _parse_spec(spec)
+        paths.append(path)
+        if window is not None and path in modules:
+            layouts[path] = _layout_within(modules[path], spec, window)
+        if path in containers or path in layouts:
             continue
         if path not in modules:
             raise GrowopsError(f"stack={path!r} is not a module of {type(model).__name__}; candidates: "
                                f"{sorted(containers)}")
         raise GrowopsError(f"stack={path!r} is not a container of repeated blocks in {type(model).__name__}"
-                           f"{_why_not_container(modules[path])}; candidates: {sorted(containers)}")
-    return paths
+                           f"{_why_not_container(modules[path], path)}; candidates: {sorted(containers)}")
+    return tuple(paths), layouts
 
 
-def _why_not_container(module: nn.Module) -> str:
+def _parse_spec(spec: str) -> tuple[str, slice | None]:
+    """``"model.layers[2:]"`` -> ``("model.layers", slice(2, None))``; a plain path has no slice."""
+    match = re.fullmatch(r"(.*)\[(-?\d*):(-?\d*)\]", spec)
+    if match is None:
+        return spec, None
+    start, stop = (int(x) if x else None for x in match.group(2, 3))
+    return match.group(1), slice(start, stop)
+
+
+def _layout_within(container: nn.Module, spec: str, window: slice) -> Layout:
+    """The layout whose growable core is the repeating pattern found within `window` of the container's children."""
+    children = list(container.children())
+    start, stop, _ = window.indices(len(children))
+    inner = find_layout([module_signature(c) for c in children[start:stop]])
+    if inner is None:
+        raise GrowopsError(f"stack={spec!r}: children {start}..{stop - 1} hold no repeating blocks (two or more "
+                           "structurally identical blocks, or a repeating pattern of them)")
+    return Layout(start + inner.prefix, inner.period, inner.units, len(children) - stop + inner.suffix)
+
+
+def _near_misses(model: nn.Module) -> str:
+    """Why the lists of blocks in `model` hold no repeated blocks: the first difference between neighbours."""
+    found = []
+    for path, module in model.named_modules():
+        children = list(module.named_children())
+        if len(children) >= 2 and all(n.isdigit() for n, _ in children):
+            (_, first), (name, second) = children[0], children[1]
+            found.append(f"{join(path, name)} differs from {join(path, children[0][0])}: {difference(first, second)}")
+    return f" ({'; '.join(found[:3])})" if found else ""
+
+
+def _why_not_container(module: nn.Module, path: str) -> str:
     children = list(module.named_children())
     if len(children) < 2:
         return f" (it has {len(children)} child module{'s' if len(children) != 1 else ''})"
@@ -167,8 +207,10 @@ def _why_not_container(module: nn.Module) -> str:
         first = children[0][1]
         for name, child in children[1:]:
             if module_signature(child) != module_signature(first):
-                return f" (its children differ: {name}: {difference(first, child)})"
-    return " (no pattern of its children repeats)"
+                return f" (its children differ: {join(path, name)}: {difference(first, child)})"
+    (_, first), (name, second) = children[0], children[1]
+    return (f" (no pattern of its children repeats; {join(path, name)} differs from {join(path, children[0][0])}: "
+            f"{difference(first, second)})")
 
 
 def _choose(model: nn.Module, found: list[BlockStack], notes: list[str], wanted: tuple[str, ...]) -> list[BlockStack]:

@@ -469,3 +469,135 @@ def test_shared_gradient_in_graph_mode(unique, data):
         for name, p in model.layers[j].named_parameters():
             copies = [dict(untied.layers[i].named_parameters())[name] for i, m in enumerate(mapping) if m == j]
             torch.testing.assert_close(p.grad, sum(c.grad for c in copies), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the container outside the forward, misuse
+def test_optimizer_groups_built_by_iterating_the_container_train_every_block():
+    """Layer-wise lr decay iterates the container: it sees all L blocks, so grown blocks are trained too."""
+    model = tiny_gpt(4)
+    a = growops.apollo(model, stages=(1, 4), stage_steps=(2,), sampler="full")
+    groups = [{"params": list(block.parameters()), "lr": 1e-2 * 0.9 ** i} for i, block in enumerate(model.blocks)]
+    assert len(groups) == 4 and len(list(model.blocks)) == len(model.blocks) == 4
+    rest = [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
+    opt = torch.optim.AdamW(groups + [{"params": rest}], lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the optimizer holds every grown block: no warning
+        train_steps(a, opt, 2, lambda m, step: _gpt_loss(m, gpt_batch()))
+    before = [b.attn.c_attn.weight.detach().clone() for b in model.blocks]
+    train_steps(a, opt, 1, lambda m, step: _gpt_loss(m, gpt_batch()))
+    assert all(not torch.equal(b.attn.c_attn.weight, w) for b, w in zip(model.blocks, before))
+
+
+def test_an_optimizer_without_the_grown_blocks_warns_once_and_names_them():
+    model = tiny_gpt(4)
+    a = growops.apollo(model, stages=(1, 2, 4), stage_steps=(1, 2))
+    opt = torch.optim.AdamW(list(model.blocks[0].parameters()) + list(model.wte.parameters()), lr=1e-3)
+    with pytest.warns(UserWarning, match=r"optimizer does not hold blocks.1.ln_1.weight, .* and \d+ more: these "
+                                         r"blocks are live now but will never train"):
+        a.step(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a.step(opt)
+
+
+def test_one_block_in_eval_mode_does_not_switch_the_stack_to_full_depth():
+    model = tiny_gpt(6)
+    a = growops.apollo(model, stages=(2, 6), stage_steps=(9,), sampler="unique")
+    seen = _calls(a)
+    model.blocks[0].eval()
+    a(**gpt_batch())
+    assert seen == [0, 1]
+    a.eval()
+    seen.clear()
+    a(**gpt_batch())
+    assert seen == list(depth_map(2, 6))
+
+
+def test_hooks_on_the_container_keep_firing_and_references_stay_valid():
+    model = SequentialNet(4)
+    container = model.blocks
+    calls = []
+    container.register_forward_hook(lambda *args: calls.append(1))
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    assert model.blocks is container
+    calls.clear()  # tracing the forward ran it too
+    a(torch.randn(2, 4))
+    assert calls == [1]
+    assert type(a.export().blocks) is nn.Sequential
+
+
+def test_a_block_replaced_after_wrapping_is_used_or_refused():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = tiny_gpt(4)
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), sampler="full")
+    replacement = copy.deepcopy(model.blocks[1])
+    model.blocks[1] = replacement  # structurally the same: used
+    seen = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, args, out, i=i: seen.append(i))
+    a(**gpt_batch())
+    assert seen == [0, 0, 1, 1] and a._runtimes[0].blocks[1] is replacement
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "Block")
+    with pytest.raises(GrowopsError, match=r"blocks.0 was replaced after growops.apollo wrapped the model, by a "
+                                           r"CheckpointWrapper.*Apply such wrappers .* before growops.apollo"):
+        a(**gpt_batch())
+    with pytest.raises(GrowopsError, match="was replaced after growops.apollo wrapped"):
+        a.step()
+    assert a.step_count == 0
+
+
+def test_step_checks_everything_before_changing_anything():
+    model = tiny_gpt(4)
+    fail = {"once": True}
+
+    def sampler(unique, layers, rng):
+        if unique == 4 and fail["once"]:  # fails in the new stage, on the first try only
+            fail["once"] = False
+            return 0
+        return unique
+
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), sampler=sampler)
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    _gpt_loss(a, gpt_batch()).backward()
+    opt.step()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1)
+    weights = copy.deepcopy(model.state_dict())
+    moments = copy.deepcopy(opt.state_dict())
+    with pytest.raises(GrowopsTypeError, match="takes the optimizer .* got a StepLR \\(an LR scheduler: pass its "
+                                               "\\.optimizer\\)"):
+        a.step(scheduler)
+    with pytest.raises(GrowopsError, match="returned depth 0 at step 1"):
+        a.step(opt)
+    assert (a.step_count, a.stage, a.unique_layers, a.depth) == (0, 0, 2, 2)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert str(opt.state_dict()) == str(moments)
+    a.step(opt)  # the retry works
+    assert (a.step_count, a.unique_layers, a.depth) == (1, 4, 4)
+    with pytest.raises(GrowopsError, match="non-negative int"):
+        a.restore_step(True)
+    assert a.step_count == 1
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_gpt(4), lambda: IndexLoopNet(4)], ids=["container", "graph"])
+def test_wrapping_a_wrapped_model_again_is_refused(make):
+    model = make()
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    with pytest.raises(GrowopsError, match="already managed by a growops.apollo wrapper: .*wrap a.export\\(\\)"):
+        growops.apollo(a.model, stages=(2, 4), stage_steps=(1,))
+    assert type(growops.apollo(a.export(), stages=(2, 4), stage_steps=(1,))) is growops.Apollo
+
+
+def test_export_of_a_container_that_keeps_its_own_list_equals_evaluation():
+    from tests.archs import Arch
+
+    arch = Arch("own", "iterate", "A", 4, "", "", ("int",), False)
+    model = arch.build()
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(5,), optimizer_state="keep")
+    assert a.mode == "graph"
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-1)
+    train_steps(a, opt, 2, lambda m, step: m(arch.inputs()).square().mean())
+    a.eval()
+    exported = a.export().eval()
+    assert exported.layers.items[3] is exported.layers._modules["3"]
+    torch.testing.assert_close(exported(arch.inputs()), a(arch.inputs()), rtol=0, atol=1e-6)

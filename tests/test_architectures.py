@@ -204,7 +204,8 @@ def test_unsupported_stacks_name_the_real_reason():
                 x = layer(x)
             return x
 
-    with pytest.raises(GrowopsError, match="no repeated block stack in TwoKinds"):
+    with pytest.raises(GrowopsError, match=r"no repeated block stack in TwoKinds.*\(layers.1 differs from layers.0: it "
+                                           r"lacks the parameter bias\)"):
         growops.apollo(TwoKinds(), stages=(1, 2), stage_steps=(1,))
 
     class Named(nn.Module):
@@ -216,7 +217,7 @@ def test_unsupported_stacks_name_the_real_reason():
             return self.stack["b"](self.stack["a"](x))
 
     with pytest.raises(GrowopsError, match=r"'stack' is not a container of repeated blocks in Named \(its children "
-                                           r"differ: b: it lacks the parameter bias\)"):
+                                           r"differ: stack.b: it lacks the parameter bias\)"):
         growops.apollo(Named(), stages=(1, 2), stage_steps=(1,), stack="stack")
 
 
@@ -283,3 +284,17 @@ def test_several_stacks_grow_together_and_export_together():
             assert torch.equal(stack[j].weight, getattr(model, name)[s].weight)
     with pytest.raises(GrowopsError, match="same number of growable blocks.*encoder \\(4\\), short \\(2\\)"):
         growops.apollo(_EncDec(), stages=(2, 4), stage_steps=(1,), stack=("encoder", "short"))
+
+
+def test_choosing_the_growable_core_with_a_slice():
+    arch = Arch("modulelist", "iterate", "A", 2, "", "", (), False)  # [A, A] then two C blocks: a tie
+    model = Net(arch)
+    model.layers.extend([type(model.layers[0])("C", 2, (), False), type(model.layers[0])("C", 3, (), False)])
+    model.n = 4
+    assert growops.plan(model).stacks[0].layout.core() == range(0, 2)  # a tie goes to the earlier run
+    plan = growops.plan(model, stack="layers[2:]")
+    assert plan.stacks[0].layout.core() == range(2, 4) and "fixed: layers.0, layers.1" in str(plan)
+    with pytest.raises(GrowopsError, match=r"stack='layers\[1:3\]': children 1..2 hold no repeating blocks"):
+        growops.plan(model, stack="layers[1:3]")
+    a = growops.apollo(model, stages=(1, 2), stage_steps=(1,), stack="layers[2:]")
+    assert a.state_dict()["_extra_state"]["stack"] == ["layers[2:4]"]

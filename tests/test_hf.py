@@ -1,4 +1,7 @@
-"""The contract on Hugging Face models (random init, no downloads): GPT-2, BERT, LLaMA."""
+"""The contract on Hugging Face models (random init, no downloads): GPT-2, BERT, LLaMA; ViT, Whisper and T5 without
+example inputs."""
+
+import copy
 
 import pytest
 import torch
@@ -104,3 +107,49 @@ def test_gradient_checkpointing_with_position_dependent_values_warns():
     ids = _ids()
     with pytest.warns(UserWarning, match="activation checkpointing.*attn.scaling"):
         a(input_ids=ids, labels=ids)
+
+
+def _vit():
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        num_labels=3))
+
+
+def _whisper():
+    return transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+        encoder_layers=2, decoder_layers=2, d_model=32, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB, num_mel_bins=16, max_source_positions=16,
+        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        suppress_tokens=None, begin_suppress_tokens=None))
+
+
+def _t5():
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        num_layers=3, num_decoder_layers=3, d_model=32, d_kv=16, d_ff=64, num_heads=2, vocab_size=VOCAB,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+@pytest.mark.parametrize("make, stack, fixed", [
+    (_vit, None, 0),  # dummy_inputs (input_ids) cannot run a vision model: inputs come from the config
+    (_whisper, ("model.encoder.layers", "model.decoder.layers"), 0),  # audio encoder-decoder, both stacks grow
+    (_t5, ("encoder.block", "decoder.block"), 1),  # block 0 of each stack owns the relative-position table: fixed
+])
+def test_vision_audio_and_encoder_decoder_models_need_no_example_inputs(make, stack, fixed):
+    from growops.integrations.hf_inputs import config_inputs
+
+    torch.manual_seed(0)
+    model = make().eval()
+    inputs = config_inputs(model)
+    reference = model(**inputs)[0]
+    plan = growops.plan(model, stack=stack)
+    assert all(s.layout.prefix == fixed for s in plan.stacks) and len(plan.stacks) == (1 if stack is None else 2)
+    layers = plan.layers
+    whole = growops.apollo(copy.deepcopy(model), stages=(layers,), stage_steps=(), plan=plan).eval()
+    assert torch.equal(whole(**inputs)[0], reference)  # one stage of all blocks is the model
+    a = growops.apollo(model, stages=(layers // 2, layers), stage_steps=(1,), optimizer_state="keep", plan=plan).eval()
+    before = a(**inputs)[0]
+    a.step()  # growth by a multiple keeps the function
+    torch.testing.assert_close(a(**inputs)[0], before, rtol=0, atol=1e-6)
+    exported = a.export().eval()
+    assert type(exported) is type(model) and list(exported.state_dict()) == list(model.state_dict())
+    torch.testing.assert_close(exported(**inputs)[0], a(**inputs)[0], rtol=0, atol=1e-6)

@@ -83,3 +83,12 @@ def test_callback_rejects_what_it_cannot_drive():
     a = growops.apollo(model, stages=(1, 2, 4), stage_steps=(2, 4), resample="micro_batch")
     with pytest.raises(growops.GrowopsError, match="needs resample='step'"):
         ApolloCallback(a)
+
+
+def test_giving_the_trainer_the_wrapper_is_refused_before_training(tmp_path):
+    a = _apollo()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True)
+    with pytest.raises(growops.GrowopsError, match="given the growops.apollo wrapper; give it the model: "
+                                                   "Trainer\\(model=a.model"):
+        transformers.Trainer(model=a, args=args, train_dataset=_data(), callbacks=[ApolloCallback(a)])
+    assert a.step_count == 0

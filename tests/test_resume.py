@@ -165,3 +165,20 @@ def test_a_wrapper_loading_a_bad_state_raises_before_anything_under_apollo_chang
     assert all(torch.equal(before[k], after[k]) for k in before if k != "_extra_state")
     wrapped.load_state_dict(Wrapper(_gpt()).state_dict())  # a good state loads through the wrapper
     assert (a.step_count, a.stage) == (0, 0)
+
+
+def test_safetensors_helpers_refuse_the_wrong_object_and_damaged_files(tmp_path):
+    a = _gpt()
+    with pytest.raises(growops.GrowopsTypeError, match="takes the growops.apollo wrapper `a`, got a GPT"):
+        growops.save_safetensors(a.model, tmp_path / "x.safetensors")
+    path = tmp_path / "a.safetensors"
+    growops.save_safetensors(a, path)
+    with pytest.raises(growops.GrowopsTypeError, match="load_safetensors takes the growops.apollo wrapper"):
+        growops.load_safetensors(a.model, path)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    b = _gpt()
+    before = copy.deepcopy(b.state_dict())
+    with pytest.raises(GrowopsError, match="cannot read .*damaged.safetensors as a safetensors file"):
+        growops.load_safetensors(b, damaged)
+    assert all(torch.equal(before[k], b.state_dict()[k]) for k in before if k != "_extra_state")

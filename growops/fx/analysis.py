@@ -59,6 +59,13 @@ class BlockStack:
         """The block paths of growable unit `u`."""
         return tuple(self.blocks[i] for i in self.layout.unit(u))
 
+    def spec(self) -> str:
+        """The ``stack=`` string that gives this stack: the path, with the core's span unless it is all of it."""
+        lay = self.layout
+        if lay.uniform:
+            return self.path
+        return f"{self.path}[{lay.core().start}:{lay.core().stop}]" + (f"/{lay.period}" if lay.period > 1 else "")
+
     def describe(self) -> str:
         """One line: what grows and what stays fixed."""
         return f"{self.path}: " + self.layout.describe(self.blocks)
@@ -70,10 +77,14 @@ def find_block_stacks(gm: fx.GraphModule, root: nn.Module | None = None) -> list
     return analyse(gm, root)[0]
 
 
-def analyse(gm: fx.GraphModule, root: nn.Module | None = None) -> tuple[list[BlockStack], list[str]]:
-    """``(stacks, notes)``: the stacks found and, for each block container rejected, why."""
+def analyse(gm: fx.GraphModule, root: nn.Module | None = None,
+            layouts: dict[str, Layout] | None = None) -> tuple[list[BlockStack], list[str]]:
+    """``(stacks, notes)``: the stacks found and, for each block container rejected, why. `layouts` replaces the
+    layout found for the containers it names (a user's choice of the growable core)."""
     root = gm if root is None else root
     containers = block_containers(root)
+    for path, layout in (layouts or {}).items():
+        containers[path] = (containers[path][0], layout)
     stacks, notes = [], []
     for path, (blocks, layout) in containers.items():
         why = _chain(gm.graph, blocks, layout)

@@ -34,7 +34,17 @@ class ApolloCallback(TrainerCallback):
                                "`a` in your own loop instead")
         self.apollo = apollo
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._check_model(model)
+
+    def _check_model(self, model) -> None:
+        if model is self.apollo or isinstance(model, Apollo):
+            raise GrowopsError("the Trainer was given the growops.apollo wrapper; give it the model: "
+                               "Trainer(model=a.model, ..., callbacks=[ApolloCallback(a)]) (growops runs inside "
+                               "a.model; the wrapper's state_dict holds a schedule the Trainer cannot save)")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._check_model(model)
         # The Trainer calls a.model, not a(...), so the wrapper's own checks run here.
         self.apollo._check_checkpointing()
         # Resuming from a Trainer checkpoint restores weights and optimizer state but not the schedule. A Trainer

@@ -1,0 +1,70 @@
+"""growops.plan: what growops will do, readable and correctable before anything changes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import growops
+from growops import GrowopsError, GrowopsTypeError
+from tests.archs import Arch
+from tests.models import IndexLoopNet, tiny_gpt
+
+
+class _Opaque:
+    __slots__ = ()
+
+
+def _with_opaque_values():
+    model = tiny_gpt(4)
+    for block in model.blocks:
+        block.attn.helper = _Opaque()  # one per block, incomparable
+    return model
+
+
+def test_plan_prints_what_grows_and_changes_nothing():
+    model = Arch("modulelist", "iterate", "A", 3, "P", "", ("int", "buffer"), False).build()
+    before = copy.deepcopy(model.state_dict())
+    plan = growops.plan(model)
+    assert str(plan).splitlines() == [
+        "growops plan: container mode, L = 3",
+        "  layers: 3 growable blocks (layers.1..layers.3); fixed: layers.0",
+        "    fixed layers.0: it has an extra parameter table",
+        "    per layer: v_buffer = (tensor(6,), tensor(6,), tensor(6,))",
+        "    per layer: v_int = (1, 2, 3)",
+    ]
+    assert type(model.layers) is nn.ModuleList and not model.layers._forward_pre_hooks
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert growops.plan(IndexLoopNet(3)).mode == "graph"
+
+
+def test_undecided_values_are_refused_until_declared():
+    model = _with_opaque_values()
+    with pytest.raises(GrowopsError, match=r"blocks: the blocks hold different values at attn.helper \(_Opaque "
+                                           r"objects.*p.declare\(per_layer=\['attn.helper'\]\)"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    assert type(model.blocks) is nn.ModuleList
+    plan = growops.plan(model)
+    assert "undecided: attn.helper" in str(plan)
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), plan=plan.declare(per_layer=["attn.helper"]))
+    assert "attn.helper" in a.plan.stacks[0].per_layer_values
+    helpers = [b.attn.helper for b in model.blocks]
+    a.step()
+    assert [b.attn.helper for b in model.blocks] == helpers  # per-layer: never copied
+    constant = growops.plan(_with_opaque_values()).declare(constant=["attn.helper"])
+    assert "attn.helper" not in constant.stacks[0].per_layer_values and not constant.stacks[0].undecided_values
+    with pytest.raises(GrowopsError, match="declare: \\['attn.nothing'\\] are not values this plan found"):
+        plan.declare(per_layer=["attn.nothing"])
+
+
+def test_a_plan_for_another_model_is_refused():
+    plan = growops.plan(tiny_gpt(4))
+    with pytest.raises(GrowopsError, match="lists 4 blocks, the model holds 6"):
+        growops.apollo(tiny_gpt(6), stages=(2, 6), stage_steps=(1,), plan=plan)
+    with pytest.raises(GrowopsTypeError, match="plan= takes a growops.plan"):
+        growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(1,), plan="blocks")
+    with pytest.raises(GrowopsError, match="pass stack= to growops.plan"):
+        growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(1,), plan=plan, stack="blocks")
+    a = growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(1,), plan=plan)
+    assert a.plan is plan

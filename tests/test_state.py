@@ -1,0 +1,101 @@
+"""Loading a schedule position is all or nothing: every field, tensor and key is checked before anything changes."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import growops
+from growops import GrowopsError
+from tests.models import gpt_batch, tiny_gpt, train_steps
+
+
+def _make(**kwargs):
+    return growops.apollo(tiny_gpt(4, seed=1), **({"stages": (1, 2, 4), "stage_steps": (3, 6), "seed": 5} | kwargs))
+
+
+def _snapshot(a):
+    return copy.deepcopy(a.state_dict())
+
+
+def _unchanged(a, before) -> bool:
+    after = a.state_dict()
+    return before["_extra_state"] == after["_extra_state"] and all(
+        torch.equal(before[k], after[k]) for k in before if k != "_extra_state")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("step", -1, "step=-1; it must be a non-negative int"),
+    ("step", 2.0, "step=2.0; it must be a non-negative int"),
+    ("stage", 0, "at step 4 in stage 0, but step 4 belongs to stage 1"),
+    ("unique", 1, "unique=1 in stage 1, which holds 2 unique blocks"),
+    ("depth", 10, r"depth=10; it must lie in \[unique=2, L=4\]"),
+    ("depth", 1, r"depth=1; it must lie in \[unique=2, L=4\]"),
+])
+def test_inconsistent_schedule_fields_are_refused_before_anything_changes(field, value, match):
+    source = _make()
+    for _ in range(4):
+        source.step()
+    state = source.state_dict()
+    state["_extra_state"] = dict(state["_extra_state"], **{field: value})
+    a = _make()
+    before = _snapshot(a)
+    with pytest.raises(GrowopsError, match=match):
+        a.load_state_dict(state)
+    assert _unchanged(a, before)
+
+
+def test_non_tensor_values_are_refused_before_anything_changes():
+    a = _make()
+    state = _make().state_dict()
+    state["model.blocks.3.ln_1.weight"] = [1.0] * 16
+    before = _snapshot(a)
+    with pytest.raises(GrowopsError, match="model.blocks.3.ln_1.weight is a list, not a tensor"):
+        a.load_state_dict(state)
+    assert _unchanged(a, before)
+
+
+def test_strict_false_loads_what_matches():
+    source = _make()
+    opt = torch.optim.AdamW(source.parameters(), lr=1e-2)
+    train_steps(source, opt, 4, lambda m, step: m(**gpt_batch()).loss)
+    state = source.state_dict()
+    del state["model.lm_head.weight"], state["model.wte.weight"]  # tied: both names of one tensor
+    state["model.unknown"] = torch.zeros(1)
+    a = _make()
+    result = a.load_state_dict(state, strict=False)
+    assert set(result.missing_keys) == {"model.lm_head.weight", "model.wte.weight"}
+    assert result.unexpected_keys == ["model.unknown"]
+    assert (a.step_count, a.unique_layers) == (4, 2)
+    assert torch.equal(a.model.blocks[1].attn.c_attn.weight, source.model.blocks[1].attn.c_attn.weight)
+    weights_only = {k: v for k, v in source.state_dict().items() if k != "_extra_state"}
+    b = _make()
+    b.load_state_dict(weights_only, strict=False)  # no schedule: the weights load, the schedule stays
+    assert b.step_count == 0 and torch.equal(b.model.blocks[0].mlp.c_fc.weight, source.model.blocks[0].mlp.c_fc.weight)
+    with pytest.raises(GrowopsError, match="no growops schedule"):
+        _make().load_state_dict(weights_only)
+
+
+def test_the_fingerprint_covers_the_optimizer_state_policy():
+    state = _make(optimizer_state="copy").state_dict()
+    with pytest.raises(GrowopsError, match="optimizer_state: saved 'copy', here 'reset'"):
+        _make().load_state_dict(state)
+
+
+def test_custom_samplers_are_told_apart_by_name_and_code():
+    def deep(unique, layers, rng):
+        return layers
+
+    def shallow(unique, layers, rng):
+        return unique
+
+    state = _make(sampler=deep).state_dict()
+    with pytest.raises(GrowopsError, match="sampler: saved '.*deep', here '.*shallow'"):
+        _make(sampler=shallow).load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _make(sampler=deep).load_state_dict(state)  # the same function: no warning
+    state = _make(sampler=lambda unique, layers, rng: layers).state_dict()
+    with pytest.warns(UserWarning, match="has other code than the one this state was saved with"):
+        _make(sampler=lambda unique, layers, rng: unique).load_state_dict(state)
