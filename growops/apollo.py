@@ -1,7 +1,7 @@
 """``growops.apollo``: wrap a model once, train as usual, get the model back grown.
 
-The wrapper keeps the user's model object. ``growops.plan`` finds the block stack(s) and decides how to run them
-(``growops.plan``); the wrapper applies the plan: either the model's own block container runs the positions (models
+The wrapper keeps the user's model object. ``growops.plan`` finds the block stack(s) and decides how to run them;
+the wrapper applies the plan (``growops.install``): either the model's own block container runs the positions (models
 whose forward iterates it: Hugging Face, nanoGPT), or an FX graph whose chain of block calls is replaced by a depth
 gate runs instead. Either way one ``StackRuntime`` per stack decides which block runs at each position; ``step()``
 moves the schedule, growing at stage boundaries.
@@ -17,18 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .errors import GrowopsError, GrowopsTypeError
-from .fx.passes import GATE, insert_depth_gate
-from .fx.trace import first_line, symbolic_trace
 from .growth import copy_units
+from .install import install, uninstall
 from .maps import check_growth, depth_map, growth_sources, preserves_function
-from .ops.routing import route_shared_linears, unroute
+from .ops.routing import route_shared_linears
 from .optim_state import check_optimizer, check_policy, remap_optimizer_state, unheld
 from .plan import Plan, check_plan, make_plan
 from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
-from .stack import StackRuntime, mark, scope_forwards, share, unscope, unshare
+from .stack import StackRuntime
 from .state import EXTRA, STATE_VERSION, check_fingerprint, check_position, check_tensors, sampler_identity
 
 RESAMPLE: tuple[str, ...] = ("step", "micro_batch")
@@ -129,8 +128,7 @@ class Apollo(nn.Module):
 
         self._plan = plan
         self.model = model
-        self._graph = None  # a _GraphRunner in graph mode
-        self._runtimes = self._install(model, plan)
+        self._runtimes, self._graph = install(model, plan, self._growth)  # self._graph: a GraphRunner in graph mode
         if shared_linear is True or (shared_linear == "auto" and torch.cuda.is_available()):
             for runtime in self._runtimes:
                 route_shared_linears(runtime.blocks, runtime=runtime)
@@ -275,11 +273,7 @@ class Apollo(nn.Module):
     def export(self) -> nn.Module:
         """A copy of the model in its own class at full depth: L untied units, position i holding a copy of the
         unit it runs now, fixed blocks and every block's per-layer values as they are, original state_dict keys."""
-        out = copy.deepcopy(self.model)
-        for s in self._plan.stacks:
-            unshare(out.get_submodule(s.path))
-        unscope(out)
-        unroute(out)
+        out = uninstall(copy.deepcopy(self.model), self._plan)
         full = depth_map(self.unique_layers, self.layers, self._growth)
         for s, runtime in zip(self._plan.stacks, self._runtimes):
             units = [[out.get_submodule(b) for b in s.unit(u)] for u in range(s.layers)]
@@ -332,30 +326,6 @@ class Apollo(nn.Module):
         check_fingerprint(state, self._fingerprint())
         check_position(state, self._schedule, self.layers)
 
-    # ---------------------------------------------------------------- installation
-    def _install(self, model: nn.Module, plan: Plan) -> list[StackRuntime]:
-        """Container mode: each container runs its positions inside the model's forward. Graph mode: FX graphs with a
-        depth gate per stack. Nothing stays half-applied."""
-        runtimes = [StackRuntime(model.get_submodule(s.path), s.layout, s.per_layer_values, self._growth, s.path)
-                    for s in plan.stacks]
-        if plan.mode == "container":
-            for s, runtime in zip(plan.stacks, runtimes):
-                share(runtime.container, runtime)
-                scope_forwards(runtime, _ancestors(model, s.path))
-            return runtimes
-        leaves = {model.get_submodule(b) for s in plan.stacks for b in s.blocks}
-        graphs = {}
-        for training in (False, True):
-            # Code outside the blocks may read self.training (dropout, say): one graph per mode, shared runtimes.
-            gm = _symbolic_graph(model, leaves, training, plan)
-            for i, (s, runtime) in enumerate(zip(plan.stacks, runtimes)):
-                insert_depth_gate(gm, s, inplace=True, runtime=runtime, name=GATE if i == 0 else f"{GATE}_{i}")
-            graphs[training] = gm
-        for runtime in runtimes:
-            mark(runtime.container, runtime)
-        self._graph = _GraphRunner(model, graphs)
-        return runtimes
-
 
 def _refuse_undecided(plan: Plan) -> None:
     for s in plan.stacks:
@@ -369,57 +339,6 @@ def _refuse_undecided(plan: Plan) -> None:
                 f"p = p.declare(per_layer=[{path!r}]) (or constant=[...]); growops.apollo(model, ..., plan=p)")
 
 
-def _ancestors(model: nn.Module, path: str) -> list[nn.Module]:
-    """The modules from the root down to the module at `path`, both included."""
-    parts = path.split(".") if path else []
-    return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
-
-
-def _symbolic_graph(model: nn.Module, leaves: set, training: bool, plan: Plan) -> fx.GraphModule:
-    modes = {m: m.training for m in model.modules()}
-    model.train(training)
-    try:
-        return symbolic_trace(model, leaves)
-    except Exception as e:  # noqa: BLE001 - any tracing failure: explain what graph mode needs
-        raise GrowopsError(
-            f"cannot change the depth of {type(model).__name__}: its forward does not iterate {', '.join(plan.paths)}, "
-            f"and graph rewriting needs torch.fx.symbolic_trace, which failed ({first_line(e)}). Iterate the "
-            "container in forward (`for block in self.layers: ...`) or make the forward symbolically traceable") \
-            from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-class _GraphRunner:
-    """Graph mode: the model's forward as FX graphs with the block chains replaced by gates, one per training mode,
-    run on the model's *current* tensors and modules (``model.to()``, a reassigned buffer or a replaced block
-    replaces objects, which a GraphModule would otherwise keep stale copies of)."""
-
-    def __init__(self, model: nn.Module, graphs: dict[bool, fx.GraphModule]):
-        self.model, self.graphs = model, graphs
-        self._bound: dict[bool, tuple[tuple[int, ...], fx.GraphModule]] = {}
-
-    def __call__(self, *args, **kwargs):
-        mode = self.model.training
-        template = self.graphs[mode]
-        attrs = [n.target for n in template.graph.nodes if n.op == "get_attr"]
-        modules = [n.target for n in template.graph.nodes if n.op == "call_module" and not n.target.startswith(GATE)]
-        current = [_resolve(self.model, t) for t in attrs] + [self.model.get_submodule(t) for t in modules]
-        ids = tuple(map(id, current))
-        bound = self._bound.get(mode)
-        if bound is None or bound[0] != ids:
-            root = dict(zip(attrs + modules, current))
-            for node in template.graph.nodes:
-                if node.op == "call_module" and node.target.startswith(GATE):
-                    root[node.target] = getattr(template, node.target)
-            bound = self._bound[mode] = (ids, fx.GraphModule(root, template.graph, type(self.model).__name__))
-        return bound[1](*args, **kwargs)
-
-    def __getstate__(self):
-        return {"model": self.model, "graphs": self.graphs, "_bound": {}}
-
-
 def _checkpointing(model: nn.Module, runtimes: list[StackRuntime]) -> bool:
     """Whether activation checkpointing is on: a Hugging Face model's flag (renamed in transformers 5), or blocks
     wrapped by torch's checkpoint wrapper."""
@@ -429,11 +348,6 @@ def _checkpointing(model: nn.Module, runtimes: list[StackRuntime]) -> bool:
     if isinstance(flag, property) and flag.__get__(model):
         return True
     return any(type(b).__name__ == "CheckpointWrapper" for r in runtimes for b in r.blocks)
-
-
-def _resolve(model: nn.Module, target: str):
-    owner, _, attr = target.rpartition(".")
-    return getattr(model.get_submodule(owner), attr)
 
 
 def _draw(sampler, name: str, unique: int, layers: int, seed: int, step: int, micro_batch: int = 0) -> int:
