@@ -1,4 +1,4 @@
-"""growops: progressive training (Apollo) for any PyTorch model with a stack of identical blocks.
+"""growops: progressive training (Apollo) for any PyTorch model with a stack of blocks.
 
     a = growops.apollo(model, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 10000))
     opt = torch.optim.AdamW(a.parameters(), lr=3e-4)

@@ -27,7 +27,7 @@ from .ops.routing import route_shared_linears
 from .optim_state import check_optimizer, check_policy, remap_optimizer_state, unheld
 from .plan import Plan, check_plan, make_plan
 from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
-from .stack import StackRuntime
+from .stack import CACHE_INDICES, StackRuntime
 from .state import EXTRA, STATE_VERSION, check_fingerprint, check_position, check_tensors, sampler_identity
 
 RESAMPLE: tuple[str, ...] = ("step", "micro_batch")
@@ -197,7 +197,8 @@ class Apollo(nn.Module):
         if "checkpointing" in self._warned or not _checkpointing(self.model, self._runtimes):
             return
         self._warned.add("checkpointing")
-        others = sorted(k for s in self._plan.stacks for k in s.per_layer_values if not k.endswith("layer_idx"))
+        others = sorted(k for s in self._plan.stacks for k in s.per_layer_values
+                        if k.rsplit(".", 1)[-1] not in CACHE_INDICES)
         if others:
             warnings.warn(f"growops: activation checkpointing recomputes shared blocks in the backward with each "
                           f"block's own per-layer values ({', '.join(others)}), not those of the position that ran "

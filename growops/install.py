@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from .errors import GrowopsError
 from .fx.passes import GATE, insert_depth_gate
-from .fx.trace import first_line, symbolic_trace
+from .fx.trace import graph_trace
 from .ops.routing import unroute
 from .plan import Plan
 from .stack import StackRuntime, mark, scope_forwards, share, unscope, unshare
@@ -24,8 +23,10 @@ from .stack import StackRuntime, mark, scope_forwards, share, unscope, unshare
 
 def install(model: nn.Module, plan: Plan, growth: str) -> tuple[list[StackRuntime], GraphRunner | None]:
     """Runtimes for `plan`'s stacks, and the graph runner to call instead of the model (graph mode) or None."""
-    runtimes = [StackRuntime(model.get_submodule(s.path), s.layout, s.per_layer_values, growth, s.path)
-                for s in plan.stacks]
+    runtimes = [StackRuntime(model.get_submodule(s.path), s.layout, s.per_layer_values, growth, s.path,
+                             s.constant_values) for s in plan.stacks]
+    for runtime in runtimes:
+        runtime.guard_blocks()
     if plan.mode == "container":
         for s, runtime in zip(plan.stacks, runtimes):
             share(runtime.container, runtime)
@@ -35,7 +36,7 @@ def install(model: nn.Module, plan: Plan, growth: str) -> tuple[list[StackRuntim
     graphs = {}
     for training in (False, True):
         # Code outside the blocks may read self.training (dropout, say): one graph per mode, shared runtimes.
-        gm = _symbolic_graph(model, leaves, training, plan)
+        gm = graph_trace(model, leaves, training, plan.paths)
         for i, (s, runtime) in enumerate(zip(plan.stacks, runtimes)):
             insert_depth_gate(gm, s, inplace=True, runtime=runtime, name=GATE if i == 0 else f"{GATE}_{i}")
         graphs[training] = gm
@@ -57,22 +58,6 @@ def _ancestors(model: nn.Module, path: str) -> list[nn.Module]:
     """The modules from the root down to the module at `path`, both included."""
     parts = path.split(".") if path else []
     return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
-
-
-def _symbolic_graph(model: nn.Module, leaves: set, training: bool, plan: Plan) -> fx.GraphModule:
-    modes = {m: m.training for m in model.modules()}
-    model.train(training)
-    try:
-        return symbolic_trace(model, leaves)
-    except Exception as e:  # noqa: BLE001 - any tracing failure: explain what graph mode needs
-        raise GrowopsError(
-            f"cannot change the depth of {type(model).__name__}: its forward does not iterate {', '.join(plan.paths)}, "
-            f"and graph rewriting needs torch.fx.symbolic_trace, which failed ({first_line(e)}). Iterate the "
-            "container in forward (`for block in self.layers: ...`) or make the forward symbolically traceable") \
-            from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 class GraphRunner:

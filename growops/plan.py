@@ -19,20 +19,23 @@ instead (needs ``torch.fx.symbolic_trace``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import GrowopsError, GrowopsTypeError
 from .fx.analysis import BlockStack, analyse, call_sequence
-from .fx.trace import TracedModel, trace_model
+from .fx.passes import insert_depth_gate
+from .fx.trace import TracedModel, graph_trace, trace_model
 from .stack import STACK_ATTR, StackRuntime, can_share, share, unshare
 from .structure import Layout, block_containers, difference, find_layout, join, module_signature
-from .values import classify, read
+from .values import MISSING, classify, read
 
 MODES = ("container", "graph")
 
@@ -64,21 +67,19 @@ class Plan:
 
     def declare(self, per_layer: Sequence[str] = (), constant: Sequence[str] = ()) -> Plan:
         """A copy with values settled by their path inside a unit (as ``print(plan)`` shows them): those in
-        `per_layer` are given per position, those in `constant` are part of the block like its weights."""
+        `per_layer` are given per position (each position keeps its own, e.g. a KV cache kept in a block), those in
+        `constant` are part of the block like its weights (shared by the positions that run it). ``apollo`` checks
+        that the paths exist."""
+        if isinstance(per_layer, str) or isinstance(constant, str):
+            raise GrowopsTypeError("declare takes lists of paths: declare(per_layer=['attn.cache'])")
         stacks = []
         for s in self.stacks:
-            undecided = dict(s.undecided_values)
-            found = {**s.per_layer_values, **undecided}
-            chosen = {p: found[p] for p in per_layer if p in found}
-            for p in [*per_layer, *constant]:
-                undecided.pop(p, None)
-            per = {p: v for p, v in {**s.per_layer_values, **chosen}.items() if p not in constant}
-            stacks.append(dataclasses.replace(s, per_layer_values=per, undecided_values=undecided))
-        unknown = [p for p in [*per_layer, *constant]
-                   if not any(p in s.per_layer_values or p in s.undecided_values for s in self.stacks)]
-        if unknown:
-            raise GrowopsError(f"declare: {unknown} are not values this plan found; the plan lists them as 'per layer' "
-                               "or 'undecided' paths inside a unit")
+            found = {**s.per_layer_values, **s.undecided_values}
+            per = {p: v for p, v in s.per_layer_values.items() if p not in constant}
+            per |= {p: found.get(p, ()) for p in per_layer}
+            undecided = {p: v for p, v in s.undecided_values.items() if p not in per_layer and p not in constant}
+            stacks.append(dataclasses.replace(s, per_layer_values=per, undecided_values=undecided,
+                                              constant_values=tuple(dict.fromkeys([*s.constant_values, *constant]))))
         return Plan(tuple(stacks), self.mode)
 
 
@@ -95,8 +96,11 @@ def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, exampl
     wanted, layouts = _wanted(model, stack, containers)
     leaves = {model.get_submodule(b) for blocks, _ in containers.values() for b in blocks}
     traced = trace_model(model, leaves, example_inputs)
-    found, notes = analyse(traced.graph_module, model, layouts)
+    found, notes = analyse(traced.graph_module, model, layouts, keep=wanted)
     chosen = _choose(model, found, notes, wanted)
+    for s in chosen:
+        _check_blocks(model, s)
+    _check_ties(model, chosen)
     stacks = tuple(_with_values(model, s) for s in chosen)
     if len({s.layers for s in stacks}) > 1:
         listing = ", ".join(f"{s.path} ({s.layers})" for s in stacks)
@@ -105,7 +109,10 @@ def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, exampl
     if any(not s.path for s in stacks):
         raise GrowopsError(f"{type(model).__name__} is itself the block container: wrap it in a module that holds it "
                            "as an attribute (e.g. self.blocks) and calls it")
-    return Plan(stacks, _probe_mode(model, stacks, traced, leaves, example_inputs))
+    mode = _probe_mode(model, stacks, traced, leaves, example_inputs)
+    if mode == "graph":
+        _check_graph_mode(model, stacks)
+    return Plan(stacks, mode)
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
@@ -129,11 +136,14 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
                     raise GrowopsError(f"the plan grows {s.blocks[j]} from {s.blocks[i]}, but "
                                        f"{difference(modules[s.blocks[i]], modules[s.blocks[j]])}")
         unit = [modules[b] for b in s.unit(0)]
-        for path in s.per_layer_values:
+        for path in [*s.per_layer_values, *s.constant_values]:
             try:
-                read(unit, path)
+                found = read(unit, path) is not MISSING
             except (AttributeError, ValueError, IndexError):
-                raise GrowopsError(f"the plan's per-layer value {path!r} is not in {s.path}'s blocks") from None
+                found = False
+            if not found:
+                raise GrowopsError(f"the plan's value {path!r} is not in {s.path}'s blocks (a path inside a unit, as "
+                                   "print(plan) shows them)")
 
 
 def _wanted(model: nn.Module, stack, containers: dict) -> tuple[tuple[str, ...], dict[str, Layout]]:
@@ -220,7 +230,9 @@ def _choose(model: nn.Module, found: list[BlockStack], notes: list[str], wanted:
         for path in wanted:
             if path not in by_path:
                 detail = [n for n in notes if n.startswith(f"{path} (")] or [why]
-                raise GrowopsError(f"stack={path!r} is not a chain of blocks in the traced forward: {detail[0]}")
+                raise GrowopsError(f"stack={path!r} is not a chain of blocks in the traced forward: {detail[0]}"
+                                   if detail[0] != "none" else f"stack={path!r} is not called as a chain of blocks "
+                                   "in the traced forward")
         return [by_path[p] for p in wanted]
     if not found:
         raise GrowopsError(f"no repeated block stack in {type(model).__name__}: containers of repeated blocks were "
@@ -232,6 +244,61 @@ def _choose(model: nn.Module, found: list[BlockStack], notes: list[str], wanted:
     return found
 
 
+def _check_blocks(model: nn.Module, s: BlockStack) -> None:
+    """Refuse growable blocks growops cannot read or copy: TorchScript modules, modules that do not deep-copy."""
+    unit = [model.get_submodule(b) for b in s.unit(0)]
+    for path, block in zip(s.unit(0), unit):
+        scripted = [name for name, m in block.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+        if scripted:
+            raise GrowopsError(f"{join(path, scripted[0])} is a TorchScript module: growops reads and rewrites Python "
+                               "modules; script the model after growing it (torch.jit.script(a.export()))")
+        try:
+            copy.deepcopy(block)
+        except Exception as e:  # noqa: BLE001 - export() deep-copies the model: refuse now, not after training
+            raise GrowopsError(f"{path} cannot be deep-copied ({type(e).__name__}: {str(e).splitlines()[0]}), and "
+                               "a.export() copies the model: keep tensors computed from weights (a weight's view, "
+                               "the old torch.nn.utils.weight_norm) out of module attributes, or compute them in "
+                               "forward (torch.nn.utils.parametrizations.weight_norm does)") from None
+
+
+def _check_ties(model: nn.Module, stacks: list[BlockStack]) -> None:
+    """Refuse a tensor shared between a growable unit and anything outside that unit (another unit, a fixed block,
+    the head), unless every unit holds it at the same path: growth copies weights into a unit in place and would
+    write through the tie. A tensor shared inside one unit, or by all units alike, is fine."""
+    where = {}  # block path -> (stack index, unit, block of the unit)
+    for k, s in enumerate(stacks):
+        for u in range(s.layers):
+            for r, path in enumerate(s.unit(u)):
+                where[path] = (k, u, r)
+    names: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
+    for tied in (n for n in names.values() if len(n) > 1):
+        places = [_place(name, where) for name in tied]
+        if all(p is None for p in places):
+            continue  # a tie outside the growable units
+        units = {p[:2] for p in places if p is not None}
+        inside_one = None not in places and len(units) == 1
+        stack = stacks[next(p for p in places if p is not None)[0]]
+        same_everywhere = None not in places and len(units) == stack.layers and \
+            len({p[2:] for p in places}) * stack.layers == len(places)
+        if not (inside_one or same_everywhere):
+            raise GrowopsError(f"{tied[0]} and {tied[1]} are one tensor, tied across blocks of {stack.path} or to a "
+                               "module outside them: growth copies weights between blocks in place and would write "
+                               "through the tie. Untie them before wrapping (e.g. a .clone() of the weight), or tie "
+                               "every block alike")
+
+
+def _place(name: str, where: dict) -> tuple | None:
+    """``(stack, unit, block of the unit, path inside the block)`` of a tensor name, or None outside every unit."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        hit = where.get(".".join(parts[:i]))
+        if hit is not None:
+            return (*hit, ".".join(parts[i:]))
+    return None
+
+
 def _with_values(model: nn.Module, s: BlockStack) -> BlockStack:
     units = [[model.get_submodule(b) for b in s.unit(u)] for u in range(s.layers)]
     per_layer, undecided = classify(units)
@@ -240,30 +307,60 @@ def _with_values(model: nn.Module, s: BlockStack) -> BlockStack:
 
 def _probe_mode(model: nn.Module, stacks: tuple[BlockStack, ...], traced: TracedModel, leaves: set,
                 example_inputs: Any) -> str:
-    """"container" if the forward iterates every stack's container: traced again with each container running one
-    position, the graph must call each stack's fixed blocks and unit 0 once each (a forward that indexes up to a
-    depth of its own fails here). Else "graph"."""
+    """"container" if the forward reaches every stack's blocks through its container, else "graph".
+
+    Probes trace the forward again with each container running unit 0 at a few positions, and the graph must call each
+    stack's fixed blocks and unit 0 at exactly those positions (in one pass or several, a block once or several times
+    per position). Two positions tell a container that runs positions from one looked up by name
+    (``getattr(self.layers, str(i))`` reaches physical blocks); one position catches a forward that indexes up to a
+    count of its own (``range(self.n_layer)``), which two positions cannot when L is 2."""
     containers = [model.get_submodule(s.path) for s in stacks]
     if not all(can_share(c) for c in containers):
         return "graph"
-    runtimes = [StackRuntime(c, s.layout, path=s.path) for c, s in zip(containers, stacks)]
-    for c, runtime in zip(containers, runtimes):
-        share(c, runtime)
-        runtime.unique = runtime.depth = runtime.layers = 1  # a throwaway runtime: one position in either mode
-        runtime.active += 1  # the traced forward is a forward: containers see positions
-    try:
-        probe = trace_model(model, leaves, example_inputs)
-    except GrowopsError:
-        return "graph"
-    finally:
-        for c in containers:
-            unshare(c)
-    for s in stacks:
-        lay = s.layout
-        expected = [*range(lay.prefix), *lay.unit(0), *range(lay.core().stop, lay.size)]
-        if call_sequence(probe.graph_module, s.blocks) != expected:
+    layers = stacks[0].layers
+    for depth in (2,) if layers >= 3 else (1, 2):
+        runtimes = [StackRuntime(c, s.layout, path=s.path) for c, s in zip(containers, stacks)]
+        for c, runtime in zip(containers, runtimes):
+            share(c, runtime)
+            runtime.unique, runtime.depth, runtime.layers = 1, depth, depth  # a throwaway runtime: the same in any mode
+            runtime.active += 1  # the traced forward is a forward: containers see positions
+        try:
+            probe = trace_model(model, leaves, example_inputs)
+        except GrowopsError:
             return "graph"
+        finally:
+            for c in containers:
+                unshare(c)
+        for s in stacks:
+            lay = s.layout
+            expected = [*range(lay.prefix), *(list(lay.unit(0)) * depth), *range(lay.core().stop, lay.size)]
+            if not _same_calls(call_sequence(probe.graph_module, s.blocks), expected):
+                return "graph"
     return "container"
+
+
+def _check_graph_mode(model: nn.Module, stacks: tuple[BlockStack, ...]) -> None:
+    """Graph mode needs a symbolic trace whose chains of block calls a depth gate can replace: try it now, on a
+    throwaway graph, so that a plan that prints is a plan that applies."""
+    leaves = {model.get_submodule(b) for s in stacks for b in s.blocks}
+    gm = graph_trace(model, leaves, False, tuple(s.path for s in stacks))
+    for s in stacks:
+        try:
+            insert_depth_gate(gm, s, runtime=StackRuntime(model.get_submodule(s.path), s.layout, path=s.path))
+        except GrowopsError as e:
+            raise GrowopsError(f"{s.path}: the forward reaches its blocks other than by iterating it, so growops "
+                               f"would rewrite its graph, which needs a plain chain of block calls: {e}. A forward "
+                               f"that iterates the container (`for block in self.{s.path.rpartition('.')[2]}: ...`) "
+                               "supports more (code between the blocks, collected outputs)") from None
+
+
+def _same_calls(sequence: list[int], expected: list[int]) -> bool:
+    """`sequence` is `expected`, run in k passes or with each call repeated r times (a siamese encoder, b(b(x)))."""
+    n = len(expected)
+    if not sequence or len(sequence) % n:
+        return False
+    k = len(sequence) // n
+    return sequence == expected * k or sequence == [e for e in expected for _ in range(k)]
 
 
 def _short(values: tuple) -> str:
@@ -272,7 +369,6 @@ def _short(values: tuple) -> str:
 
 
 def _short_value(v: Any) -> str:
-    import torch
     if isinstance(v, torch.Tensor):
         return f"tensor{tuple(v.shape)}" if v.numel() > 4 else repr(v.tolist())
     text = repr(v)

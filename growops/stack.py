@@ -23,7 +23,7 @@ and rejected with a GrowopsError otherwise; it is never ignored.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,16 +34,23 @@ from torch import nn
 from .errors import GrowopsError
 from .maps import depth_map
 from .structure import Layout, difference, module_signature
-from .values import read, state_names, write
+from .values import is_state_buffer, read, state_names, write
 
 STACK_ATTR = "_growops_stack"  # set on a managed container (both modes): marks a model as already wrapped
+CACHE_INDICES = ("layer_idx", "layer_id")  # per-layer values that only index a KV cache (unused in training)
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward now (where activation checkpointing recomputes)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 class StackRuntime:
     """Which physical block runs at each position of one stack; shared by its container or gate and by Apollo."""
 
     def __init__(self, container: nn.Module, layout: Layout | None = None, per_layer: Sequence[str] = (),
-                 growth: str = "interpolate", path: str = "stack"):
+                 growth: str = "interpolate", path: str = "stack", shared_state: Sequence[str] = ()):
         self.container = container
         self.path = path
         self.names = tuple(container._modules)
@@ -58,10 +65,16 @@ class StackRuntime:
         self.per_layer = tuple(per_layer)
         self._phase_paths = [[p for p in self.per_layer if state_names(p, self.layout.period)[0] == r]
                              for r in range(self.layout.period)]
+        self.shared_state = tuple(shared_state)  # buffers declared constant: a forward may write them while shared
+        # Recomputing a shared block in the backward (activation checkpointing) gives it its own per-layer values, not
+        # those of its position: harmless for cache indices, wrong for anything the computation reads.
+        self.recompute_sensitive = any(p.rsplit(".", 1)[-1] not in CACHE_INDICES for p in self.per_layer)
         self.cast_cache: dict = {}  # per-forward casts of routed weights (growops.ops.routing), emptied per forward
         self.active = 0  # forwards of the container or a module above it now running (their hooks count)
         self.route_replacements = False  # route the linears of blocks replaced after wrapping (shared_linear)
         self._own: list[dict[str, Any]] | None = None  # each unit's own per-layer values while a forward runs
+        self._versions: dict = {}  # version counters of shared units' buffers while a forward runs
+        self._unit_of = self._index_units()
 
     # ---------------------------------------------------------------- what runs
     @property
@@ -129,15 +142,83 @@ class StackRuntime:
         self.sync()
         self.cast_cache.clear()
         self._own = [{p: read(unit, p) for p in self.per_layer} for unit in self.units()]
+        self._versions = self._state_versions()
 
     @torch.compiler.disable
     def end(self) -> None:
-        """The forward is over: every unit gets its own per-layer values back."""
+        """The forward is over: every unit gets its own per-layer values back. Then, if the forward wrote into a
+        buffer of a unit that ran at several positions, raise: that state was shared by the positions."""
         own, self._own = self._own, None
+        versions, self._versions = self._versions, {}
         if own and self.per_layer:
             for unit, values in zip(self.units(), own):
                 for path, value in values.items():
                     write(unit, path, value)
+        for (u, path), (buffer, version) in versions.items():
+            if buffer._version != version:
+                raise GrowopsError(
+                    f"the forward wrote into {path} of {self.path}'s unit {u} while that unit ran at several "
+                    "positions: state kept inside a block (a KV cache, a counter) is then shared by those positions. "
+                    "Declare it "
+                    f"per layer (each position keeps its own): p = growops.plan(model); "
+                    f"p = p.declare(per_layer=[{path!r}]); growops.apollo(model, ..., plan=p), or constant=[...] if "
+                    "sharing it is right")
+
+    def _state_versions(self) -> dict:
+        """The version counters of the buffers of units that run at several positions in this forward (not per-layer
+        values, not declared shared state, not normalization statistics)."""
+        counts = Counter(self.mapping())
+        out = {}
+        for u in (u for u, c in counts.items() if c > 1):
+            for r, block in enumerate(self.unit(u)):
+                for name, buffer in block.named_buffers():
+                    path = name if self.layout.period == 1 else f"{r}.{name}"
+                    if path in self.per_layer or path in self.shared_state or is_state_buffer(block, name) or \
+                            buffer.is_inference():
+                        continue
+                    out[(u, path)] = (buffer, buffer._version)
+        return out
+
+    def guard(self, module: nn.Module, args) -> None:
+        """Forward pre-hook on every growable block (and, when per-layer values matter to the computation, on its
+        submodules): a block may run outside the model's forward only if that is right. Raises when a block not live
+        yet runs (a method iterating the container directly runs the physical, stale blocks) and when a shared block
+        is recomputed in the backward (activation checkpointing) with per-layer values that matter."""
+        if torch.compiler.is_compiling() or self.active:
+            return
+        if self._unit_of is None:
+            self._unit_of = self._index_units()
+        found = self._unit_of.get(id(module))
+        if found is None:
+            return
+        unit, root = found
+        where = f"{self.path}.{self.names[self.blocks.index(root)]}"
+        if _in_backward():
+            if self.recompute_sensitive and self.unique < self.layers:
+                others = ", ".join(p for p in self.per_layer if p.rsplit(".", 1)[-1] not in CACHE_INDICES)
+                raise GrowopsError(
+                    f"{where} is recomputed in the backward (activation checkpointing) while blocks are shared: the "
+                    f"recomputation would use the block's own per-layer values ({others}), not those of the position "
+                    "that ran it, and give wrong gradients. Turn activation checkpointing off while blocks are shared")
+            return
+        if module is root and unit >= self.unique:
+            raise GrowopsError(
+                f"{where} ran outside the model's forward, but it is not live yet ({self.path} holds {self.unique} "
+                "unique units in this stage): code that iterates the container outside a forward (a method other "
+                "than forward, or model.forward(...) called directly) runs the physical blocks, whose weights are "
+                "stale. Call the model (or a module that contains the container), or use a.export()")
+
+    def guard_blocks(self) -> None:
+        """Put ``guard`` on every growable block, and on its submodules when a recomputation could go wrong (once)."""
+        for u in range(self.layers):
+            for block in self.unit(u):
+                for module in block.modules() if self.recompute_sensitive else (block,):
+                    if not any(isinstance(h, _Guard) and h.runtime is self for h in module._forward_pre_hooks.values()):
+                        module.register_forward_pre_hook(_Guard(self))
+
+    def _index_units(self) -> dict[int, tuple[int, nn.Module]]:
+        """id of every module of every growable block -> (its unit, its block)."""
+        return {id(m): (u, block) for u in range(self.layers) for block in self.unit(u) for m in block.modules()}
 
     @torch.compiler.disable
     def enter(self, *_) -> None:
@@ -170,12 +251,31 @@ class StackRuntime:
                     "it does not know. Apply such wrappers (activation checkpointing, say) before growops.apollo(...), "
                     "or put back a block like the others")
         self.blocks = current
+        self._unit_of = self._index_units()
+        self.guard_blocks()
         if self.route_replacements:
             from .ops.routing import route_shared_linears
             route_shared_linears([current[i] for i in replaced], runtime=self)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "cast_cache": {}, "active": 0, "_own": None}  # casts and forward state are not state
+        # Casts and forward state are not state; ids change in a copy.
+        return {**self.__dict__, "cast_cache": {}, "active": 0, "_own": None, "_versions": {}, "_unit_of": None}
+
+
+
+class _Guard:
+    """The forward pre-hook ``StackRuntime.guard`` puts on growable blocks. A deep copy of one block does not drag the
+    whole stack along: its copy keeps this hook, which does nothing for modules that are not the stack's own."""
+
+    def __init__(self, runtime: StackRuntime):
+        self.runtime = runtime
+
+    def __call__(self, module: nn.Module, args) -> None:
+        self.runtime.guard(module, args)
+
+    def __deepcopy__(self, memo: dict) -> _Guard:
+        copied = memo.get(id(self.runtime))
+        return self if copied is None else _Guard(copied)
 
 
 def scope_forwards(runtime: StackRuntime, modules: Sequence[nn.Module]) -> list[tuple[nn.Module, int]]:
@@ -194,7 +294,7 @@ def unscope(root: nn.Module) -> None:
     for module in root.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key, hook in list(hooks.items()):
-                if isinstance(getattr(hook, "__self__", None), StackRuntime):
+                if isinstance(hook, _Guard) or isinstance(getattr(hook, "__self__", None), StackRuntime):
                     del hooks[key]
                     module._forward_hooks_always_called.pop(key, None)
 
@@ -349,6 +449,7 @@ class DepthGate(nn.Module):
 
     def forward(self, hidden, *shared):
         runtime, out = self.runtime, None
+        runtime.enter()
         try:
             for entry in runtime.core_entries():
                 phase, position = entry
@@ -357,5 +458,5 @@ class DepthGate(nn.Module):
                 out = runtime._block_at(entry)(*args, **kwargs)
                 hidden = out if template.out_index is None else out[template.out_index]
         finally:
-            runtime.end()
+            runtime.exit()
         return out

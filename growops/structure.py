@@ -25,10 +25,19 @@ from dataclasses import dataclass
 from torch import nn
 
 
+def module_class(module: nn.Module) -> type:
+    """The class a module was written as: ``torch.nn.utils.parametrize`` gives each parametrized module a class of
+    its own (a subclass named ``Parametrized<Class>``), which says nothing about its structure."""
+    cls = type(module)
+    if cls.__name__.startswith("Parametrized") and hasattr(module, "parametrizations"):
+        return cls.__bases__[0]
+    return cls
+
+
 def module_signature(module: nn.Module) -> tuple:
     """What makes two blocks interchangeable: module classes, parameter and buffer names, shapes, dtypes."""
     return (
-        tuple((name, type(m)) for name, m in module.named_modules()),
+        tuple((name, module_class(m)) for name, m in module.named_modules()),
         tuple((name, tuple(p.shape), p.dtype) for name, p in module.named_parameters()),
         tuple((name, tuple(b.shape), b.dtype) for name, b in module.named_buffers()),
     )
@@ -102,12 +111,13 @@ def block_containers(root: nn.Module) -> dict[str, tuple[tuple[str, ...], Layout
     """Every module whose children can hold a block stack: ``{path: (child paths, layout)}``."""
     found = {}
     for path, module in root.named_modules():
-        children = list(module.named_children())
-        if len(children) < 2:
+        children = list(module._modules.items())  # not named_children(): a module held twice counts twice
+        if len(children) < 2 or any(child is None for _, child in children):
             continue
         indexed = all(name.isdigit() for name, _ in children)
         layout = find_layout([module_signature(child) for _, child in children], indexed)
-        if layout is not None:
+        unit = [children[i][1] for i in layout.unit(0)] if layout is not None else []
+        if any(p is not None for block in unit for p in block.parameters()):  # nothing to grow without parameters
             found[path] = (tuple(join(path, name) for name, _ in children), layout)
     return found
 
@@ -115,15 +125,15 @@ def block_containers(root: nn.Module) -> dict[str, tuple[tuple[str, ...], Layout
 def difference(a: nn.Module, b: nn.Module) -> str:
     """What makes `b` structurally different from `a`, in words naming the submodule or tensor."""
     mods_a, mods_b = dict(a.named_modules()), dict(b.named_modules())
-    if type(a) is not type(b):
-        return f"it is a {type(b).__name__}, not a {type(a).__name__}"
-    for name in mods_a.keys() | mods_b.keys():
+    if module_class(a) is not module_class(b):
+        return f"it is a {_names(b, a)}"
+    for name in sorted(mods_a.keys() | mods_b.keys()):
         if name not in mods_b:
             return f"it lacks {name} (a {type(mods_a[name]).__name__})"
         if name not in mods_a:
             return f"it has an extra {name} (a {type(mods_b[name]).__name__})"
-        if type(mods_a[name]) is not type(mods_b[name]):
-            return f"its {name} is a {type(mods_b[name]).__name__}, not a {type(mods_a[name]).__name__}"
+        if module_class(mods_a[name]) is not module_class(mods_b[name]):
+            return f"its {name} is a {_names(mods_b[name], mods_a[name])}"
     for kind, ta, tb in (("parameter", dict(a.named_parameters()), dict(b.named_parameters())),
                          ("buffer", dict(a.named_buffers()), dict(b.named_buffers()))):
         for name in sorted(ta.keys() | tb.keys()):
@@ -137,12 +147,27 @@ def difference(a: nn.Module, b: nn.Module) -> str:
     return "nothing structural"
 
 
+def _names(got: nn.Module, expected: nn.Module) -> str:
+    """``"B, not a A"``, with module paths when the two classes share a name."""
+    a, b = module_class(got), module_class(expected)
+    if a.__name__ == b.__name__:
+        return f"{a.__module__}.{a.__qualname__}, not a {b.__module__}.{b.__qualname__} (another class of that name)"
+    return f"{a.__name__}, not a {b.__name__}"
+
+
 def explain_fixed(names: Sequence[str], modules: Sequence[nn.Module], layout: Layout) -> list[str]:
     """Why each fixed block is not part of the growable core, e.g. ``h.0: it has an extra attn.bias_table``."""
     reasons = []
+    core = layout.core()
     for i in layout.fixed():
         ref = modules[layout.unit(0)[(i - layout.prefix) % layout.period]]
-        reasons.append(f"{names[i]}: {difference(ref, modules[i])}")
+        why = difference(ref, modules[i])
+        if why == "nothing structural":  # like the core's blocks, but cut off from them by a different block
+            between = range(core.stop, i) if i >= core.stop else range(i + 1, core.start)
+            cut = next((j for j in between if module_signature(modules[j]) != module_signature(ref)), None)
+            why = f"it is like the growable blocks, but {names[cut]} separates it from them" if cut is not None \
+                else "it is like the growable blocks but does not complete a unit"
+        reasons.append(f"{names[i]}: {why}")
     return reasons
 
 

@@ -32,7 +32,7 @@ from torch import nn
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, hook dicts, training, ...
 _STATE_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # trained state of normalization layers
 _UNDECIDED = object()
-_MISSING = object()
+MISSING = object()  # read() of an attribute a block does not have
 
 
 def unit_paths(period: int) -> list[str]:
@@ -52,7 +52,11 @@ def classify(units: Sequence[Sequence[nn.Module]]) -> tuple[dict[str, tuple], di
             for attr, kind in _candidates(subs):
                 path = prefix + (f"{sub_path}.{attr}" if sub_path else attr)
                 values = tuple(_get(s, attr, kind) for s in subs)
-                verdict = _all_equal(values, blocks)
+                verdict = _all_equal(values, blocks, top=0 if kind == "attr" else -1)
+                if verdict is not _UNDECIDED and not verdict and kind == "attr" and any(
+                        _refers_to(v, block) for v, block in zip(values, blocks)):
+                    verdict = _UNDECIDED  # differs, yet reaches into its own block: given to another block it would
+                    # run the first block's weights
                 if verdict is _UNDECIDED:
                     undecided[path] = values
                 elif not verdict:
@@ -60,12 +64,19 @@ def classify(units: Sequence[Sequence[nn.Module]]) -> tuple[dict[str, tuple], di
     return per_layer, undecided
 
 
+def is_state_buffer(block: nn.Module, name: str) -> bool:
+    """Whether buffer `name` of `block` is a normalization layer's running statistic (trained state, like a weight)."""
+    owner_path, _, attr = name.rpartition(".")
+    owner = block.get_submodule(owner_path) if owner_path else block
+    return attr in _STATE_BUFFERS and isinstance(owner, nn.modules.batchnorm._NormBase)
+
+
 def read(unit: Sequence[nn.Module], path: str) -> Any:
     """The value at unit path `path` in `unit`."""
     owner, attr = _locate(unit, path)
     if attr in owner._buffers:
         return owner._buffers[attr]
-    return owner.__dict__.get(attr, _MISSING)
+    return owner.__dict__.get(attr, MISSING)
 
 
 def write(unit: Sequence[nn.Module], path: str, value: Any) -> None:
@@ -74,7 +85,7 @@ def write(unit: Sequence[nn.Module], path: str, value: Any) -> None:
     owner, attr = _locate(unit, path)
     if attr in owner._buffers:
         owner._buffers[attr] = value
-    elif value is _MISSING:
+    elif value is MISSING:
         owner.__dict__.pop(attr, None)
     else:
         owner.__dict__[attr] = value
@@ -113,15 +124,16 @@ def _candidates(subs: list[nn.Module]) -> list[tuple[str, str]]:
 
 def _get(sub: nn.Module, name: str, kind: str) -> Any:
     if kind == "buffer":
-        return sub._buffers.get(name, _MISSING)
-    return sub.__dict__.get(name, _MISSING)
+        return sub._buffers.get(name, MISSING)
+    return sub.__dict__.get(name, MISSING)
 
 
-def _all_equal(values: tuple, blocks: list[nn.Module]):
-    """True if every value equals the first, False if one differs, _UNDECIDED if a pair cannot be compared."""
+def _all_equal(values: tuple, blocks: list[nn.Module], top: int = 0):
+    """True if every value equals the first, False if one differs, _UNDECIDED if a pair cannot be compared. `top` is
+    the depth the values start at: -1 for buffers (compared by value, never as references to the block)."""
     verdict = True
     for value, block in zip(values[1:], blocks[1:]):
-        same = _equal(values[0], value, blocks[0], block, depth=0)
+        same = _equal(values[0], value, blocks[0], block, depth=top)
         if same is _UNDECIDED:
             return _UNDECIDED
         verdict = verdict and same
@@ -134,12 +146,13 @@ def _equal(a: Any, b: Any, block_a: nn.Module, block_b: nn.Module, depth: int):
         return True
     if depth > 8:
         return _UNDECIDED
-    if a is _MISSING or b is _MISSING:
+    if a is MISSING or b is MISSING:
         return False
-    # Inside a value, a reference to the block's own submodule or tensor is the same if it is at the same path.
-    ra, rb = (_relative(a, block_a), _relative(b, block_b)) if depth or isinstance(a, nn.Module) else (None, None)
+    # A reference to the block's own submodule or tensor (or a view of one) is the same if it is at the same path.
+    ra, rb = (_relative(a, block_a), _relative(b, block_b)) if depth >= 0 else (None, None)
     if ra is not None or rb is not None:
         return ra == rb
+    depth = max(depth, 0)
     if isinstance(a, nn.Module) or isinstance(b, nn.Module):
         return False
     if type(a) is not type(b):
@@ -170,8 +183,15 @@ def _equal(a: Any, b: Any, block_a: nn.Module, block_b: nn.Module, depth: int):
         return _combine((_equal(a.func, b.func, block_a, block_b, depth + 1),
                          _equal(a.args, b.args, block_a, block_b, depth + 1),
                          _equal(a.keywords, b.keywords, block_a, block_b, depth + 1)))
-    if isinstance(a, (types.FunctionType, types.BuiltinFunctionType)):
-        return False  # two distinct functions (identical ones returned above)
+    if isinstance(a, types.FunctionType):  # a lambda or closure per block: the same code over equal cells
+        if a.__code__ is not b.__code__:
+            return False
+        cells_a = tuple(c.cell_contents for c in a.__closure__ or ())
+        cells_b = tuple(c.cell_contents for c in b.__closure__ or ())
+        return _combine((_equal(cells_a, cells_b, block_a, block_b, depth + 1),
+                         _equal(a.__defaults__, b.__defaults__, block_a, block_b, depth + 1)))
+    if isinstance(a, types.BuiltinFunctionType):
+        return False  # two distinct builtins (identical ones returned above)
     if dataclasses.is_dataclass(a) or type(a).__eq__ is not object.__eq__:
         try:
             return bool(a == b)
@@ -191,8 +211,8 @@ def _combine(verdicts) -> Any:
     return out
 
 
-def _relative(value: Any, block: nn.Module) -> tuple[str, str] | None:
-    """Where `value` sits inside `block` (a submodule, parameter or buffer of it), or None."""
+def _relative(value: Any, block: nn.Module) -> tuple | None:
+    """Where `value` sits inside `block` (a submodule, a parameter or buffer, or a view of one's memory), or None."""
     if isinstance(value, nn.Module):
         for path, sub in block.named_modules(remove_duplicate=False):
             if sub is value:
@@ -202,4 +222,32 @@ def _relative(value: Any, block: nn.Module) -> tuple[str, str] | None:
             for path, tensor in named(remove_duplicate=False):
                 if tensor is value:
                     return kind, path
+        if value.device.type != "meta" and value.numel():
+            storage = value.untyped_storage().data_ptr()
+            for path, tensor in [*block.named_parameters(), *block.named_buffers()]:
+                if tensor.device == value.device and tensor.numel() and \
+                        tensor.untyped_storage().data_ptr() == storage:
+                    return "view", path, value.storage_offset(), tuple(value.shape), tuple(value.stride())
     return None
+
+
+def _refers_to(value: Any, block: nn.Module, depth: int = 0) -> bool:
+    """Whether `value` holds a reference to `block`'s own modules or tensors (directly, inside containers,
+    closures, bound methods or an object's attributes)."""
+    if depth > 4 or value is None or isinstance(value, (int, float, str, bytes, bool, enum.Enum)):
+        return False
+    if _relative(value, block) is not None:
+        return True
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return any(_refers_to(v, block, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_refers_to(v, block, depth + 1) for v in value.values())
+    if isinstance(value, types.MethodType):
+        return _refers_to(value.__self__, block, depth + 1)
+    if isinstance(value, types.FunctionType):
+        return any(_refers_to(c.cell_contents, block, depth + 1) for c in value.__closure__ or ())
+    if isinstance(value, functools.partial):
+        return _refers_to((value.func, value.args, value.keywords), block, depth + 1)
+    if hasattr(value, "__dict__") and not isinstance(value, (type, types.ModuleType, nn.Module, torch.Tensor)):
+        return any(_refers_to(v, block, depth + 1) for v in vars(value).values())
+    return False

@@ -23,7 +23,9 @@ def _traces(model: nn.Module) -> list[str]:
         if STACK_ATTR in m.__dict__ or "_growops_runtime" in m.__dict__:
             found.append(f"{name}: attribute")
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
-            found += [f"{name}: hook" for h in hooks.values() if isinstance(getattr(h, "__self__", None), StackRuntime)]
+            found += [f"{name}: hook" for h in hooks.values()
+                      if type(h).__module__.startswith("growops") or isinstance(getattr(h, "__self__", None),
+                                                                                StackRuntime)]
     return found
 
 

@@ -54,8 +54,9 @@ def test_undecided_values_are_refused_until_declared():
     assert [b.attn.helper for b in model.blocks] == helpers  # per-layer: never copied
     constant = growops.plan(_with_opaque_values()).declare(constant=["attn.helper"])
     assert "attn.helper" not in constant.stacks[0].per_layer_values and not constant.stacks[0].undecided_values
-    with pytest.raises(GrowopsError, match="declare: \\['attn.nothing'\\] are not values this plan found"):
-        plan.declare(per_layer=["attn.nothing"])
+    with pytest.raises(GrowopsError, match="the plan's value 'attn.nothing' is not in blocks's blocks"):
+        growops.apollo(_with_opaque_values(), stages=(2, 4), stage_steps=(1,), plan=plan.declare(
+            per_layer=["attn.helper", "attn.nothing"]))
 
 
 def test_a_plan_for_another_model_is_refused():

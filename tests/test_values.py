@@ -81,3 +81,19 @@ def test_write_then_read_round_trips_and_keeps_buffers_buffers(i, j):
         assert read([a], path) is read([b], path)
     assert "rope_base" in a[0]._buffers and "rope_base" in a[0].state_dict()
     assert "mask" not in a[0].state_dict()  # still non-persistent
+
+
+class _Closures(nn.Module):
+    def __init__(self, i: int):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.act = lambda t: torch.tanh(self.fc(t))  # reaches into its own block: part of it
+        self.wt = self.fc.weight.t()  # a view of its own weight: part of it
+        scale = 1.0 + i
+        self.scale_fn = lambda t: t * scale  # self-contained, differs per layer: per layer
+        self.mixed = lambda t: self.fc(t) * scale  # differs and reaches into its block: undecided
+
+
+def test_closures_and_views_are_compared_relative_to_their_block():
+    per_layer, undecided = classify([[_Closures(i)] for i in range(3)])
+    assert set(per_layer) == {"scale_fn"} and set(undecided) == {"mixed"}

@@ -36,6 +36,8 @@ class BlockStack:
         position i runs with unit i's (``growops.values``).
     undecided_values: values growops could not compare between units; ``apollo`` refuses them until declared.
     fixed_reasons: why each fixed block is fixed, e.g. ``"h.0: it has an extra attn.relative_attention_bias"``.
+    constant_values: paths declared part of the block (``Plan.declare(constant=...)``): shared by the positions that
+        run a unit, even if the forward writes them.
     """
 
     path: str
@@ -45,6 +47,7 @@ class BlockStack:
     per_layer_values: dict[str, tuple] = field(default_factory=dict, compare=False)
     undecided_values: dict[str, tuple] = field(default_factory=dict, compare=False)
     fixed_reasons: tuple[str, ...] = ()
+    constant_values: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.layout is None:
@@ -77,10 +80,11 @@ def find_block_stacks(gm: fx.GraphModule, root: nn.Module | None = None) -> list
     return analyse(gm, root)[0]
 
 
-def analyse(gm: fx.GraphModule, root: nn.Module | None = None,
-            layouts: dict[str, Layout] | None = None) -> tuple[list[BlockStack], list[str]]:
+def analyse(gm: fx.GraphModule, root: nn.Module | None = None, layouts: dict[str, Layout] | None = None,
+            keep: tuple[str, ...] = ()) -> tuple[list[BlockStack], list[str]]:
     """``(stacks, notes)``: the stacks found and, for each block container rejected, why. `layouts` replaces the
-    layout found for the containers it names (a user's choice of the growable core)."""
+    layout found for the containers it names (a user's choice of the growable core); stacks in `keep` are kept even
+    inside a block of another stack (asked for by name)."""
     root = gm if root is None else root
     containers = block_containers(root)
     for path, layout in (layouts or {}).items():
@@ -97,7 +101,8 @@ def analyse(gm: fx.GraphModule, root: nn.Module | None = None,
             kind = type(root.get_submodule(blocks[layout.prefix])).__name__
             notes.append(f"{path or '<root>'} ({layout.units} x {kind}): {why}")
     # A stack inside a block of another stack (heads inside each layer, say) is not the model's block stack.
-    outer = [s for s in stacks if not any(inside(s.path, b) for o in stacks if o is not s for b in o.blocks)]
+    outer = [s for s in stacks if s.path in keep or
+             not any(inside(s.path, b) for o in stacks if o is not s for b in o.blocks)]
     for stack in outer:
         index = _BlockIndex(stack.blocks)
         for node in gm.graph.nodes:
@@ -136,7 +141,8 @@ def _chain(graph: fx.Graph, blocks: tuple[str, ...], layout: Layout) -> str | No
     for k in range(len(blocks)):
         later = sorted(j for j in reads[k] if j > k)
         if later:
-            return f"not a chain: {blocks[k]} reads {blocks[later[0]]}, which is called after it"
+            return (f"not a chain: {blocks[k]} reads {blocks[later[0]]}'s output, but the blocks must run in the "
+                    f"container's order, {blocks[0]} first (reversed or reordered iteration is not supported)")
         if k in core and k > core.start and k - 1 not in reads[k]:
             return (f"not a chain: {blocks[k]} does not read {blocks[k - 1]}'s output; the blocks must be called one "
                     "after another, each on the previous one's output")
@@ -148,10 +154,30 @@ def _chain(graph: fx.Graph, blocks: tuple[str, ...], layout: Layout) -> str | No
             late = [u for u in node.users if iteration[u] > k + 1 and u.op != "output"]
             side = [] if node in region or node in feeds_next else [u for u in node.users if not _collects(u)]
             for user in late + side:
+                weight = _weight_read(node, region, k)
+                if weight is not None:
+                    return (f"the forward reads {weight.target}, a tensor of {blocks[k]}, outside the block "
+                            f"(`{user.name}`{_where(user)}): while blocks are shared it would read one block's tensor "
+                            "where the positions run others. Read it inside the block")
                 return (f"{blocks[k]}'s output is used outside the chain of blocks by `{user.name}`{_where(user)}: "
                         "at another depth that would read another layer's output, or none. growops grows stacks "
                         "whose blocks' outputs only feed the next block or are returned as they are "
                         "(output_hidden_states)")
+    return None
+
+
+def _weight_read(node: fx.Node, region: dict[fx.Node, int], k: int) -> fx.Node | None:
+    """The ``get_attr`` of block k's tensor that `node` is (or is computed from, outside the block), if any."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and region.get(n) == k:
+            return n
+        if n not in region:
+            todo.extend(n.all_input_nodes)
     return None
 
 

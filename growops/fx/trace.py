@@ -145,6 +145,24 @@ def trace_model(model: nn.Module, leaves: set[nn.Module] = frozenset(), example_
             m.training = mode
 
 
+def graph_trace(model: nn.Module, leaves: set[nn.Module], training: bool, paths: tuple[str, ...]) -> fx.GraphModule:
+    """``symbolic_trace`` in train or eval mode (flags restored), for graph mode; a GrowopsError saying what graph mode
+    needs when it fails."""
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        return symbolic_trace(model, leaves)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: explain what graph mode needs
+        raise GrowopsError(
+            f"cannot change the depth of {type(model).__name__}: its forward does not iterate {', '.join(paths)}, "
+            f"and graph rewriting needs torch.fx.symbolic_trace, which failed ({first_line(e)}). Iterate the "
+            "container in forward (`for block in self.layers: ...`) or make the forward symbolically traceable") \
+            from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
