@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,16 +20,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import GrowopsError, GrowopsTypeError
+from .errors import GrowopsError, GrowopsTypeError, check_choice, check_int
 from .growth import copy_units
 from .install import install, uninstall
 from .maps import check_growth, depth_map, growth_sources, preserves_function
 from .ops.routing import route_shared_linears
-from .optim_state import check_optimizer, check_policy, remap_optimizer_state, unheld
+from .optim_state import apply_states, check_optimizer, check_policy, new_states, unheld
 from .plan import Plan, check_plan, make_plan
 from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
 from .stack import CACHE_INDICES, StackRuntime
-from .state import EXTRA, STATE_VERSION, check_fingerprint, check_position, check_tensors, sampler_identity
+from .state import (
+    EXTRA,
+    STATE_VERSION,
+    check_fingerprint,
+    check_position,
+    check_tensors,
+    load_options,
+    sampler_identity,
+)
 
 RESAMPLE: tuple[str, ...] = ("step", "micro_batch")
 
@@ -97,23 +106,20 @@ class Apollo(nn.Module):
         if isinstance(model, Apollo):
             raise GrowopsError("this model is already wrapped by growops.apollo: wrap the original model once "
                                "(a.model is the model; a.export() gives a plain grown copy)")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise GrowopsError(f"seed must be a non-negative int, got {seed!r}")
+        seed = check_int("seed", seed)
         self._growth = check_growth(growth)
         self._policy = check_policy(optimizer_state)
         self._sampler_name, self._sampler = resolve_sampler(sampler)
         self._sampler_id = sampler_identity(self._sampler_name, sampler)
         self._seed = seed
-        if resample not in RESAMPLE:
-            raise GrowopsError(f"unknown resample {resample!r}: use one of {', '.join(map(repr, RESAMPLE))}")
-        self._resample = resample
-        if not (isinstance(shared_linear, bool) or shared_linear == "auto"):
-            raise GrowopsError(f"shared_linear must be True, False or 'auto', got {shared_linear!r}")
+        self._resample = check_choice("resample", resample, RESAMPLE)
+        if not (isinstance(shared_linear, bool) or (isinstance(shared_linear, str) and shared_linear == "auto")):
+            raise GrowopsTypeError(f"shared_linear must be True, False or 'auto', got {shared_linear!r}")
 
         if plan is None:
             plan = make_plan(model, stack, example_inputs)
         else:
-            check_plan(model, plan)
+            check_plan(model, plan, example_inputs)
             if stack is not None:
                 raise GrowopsError("pass stack= to growops.plan(model, stack=...), not with plan=: the plan already "
                                    f"chose {plan.paths}")
@@ -139,6 +145,19 @@ class Apollo(nn.Module):
         self._configure(self._schedule.stages[0], depth)
         self._micro_batch = 0  # training forwards since the last step(), for resample="micro_batch"
         self._warned = set()
+        self.register_load_state_dict_post_hook(_after_load)
+        for runtime in self._runtimes:
+            runtime.owned = True
+            runtime.wrapper_forwards = 0 if self._resample == "micro_batch" else None
+        self._own_runtimes()
+
+    def _own_runtimes(self) -> None:
+        for runtime in self._runtimes:
+            runtime.owner = weakref.ref(self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._own_runtimes()  # a copy's (deepcopy, pickle) runtimes belong to the copy
 
     # ---------------------------------------------------------------- public state
     @property
@@ -190,6 +209,8 @@ class Apollo(nn.Module):
             self._configure(self.unique_layers, _draw(self._sampler, self._sampler_name, self.unique_layers,
                                                       self.layers, self._seed, self.step_count, self._micro_batch))
         self._micro_batch += 1
+        for runtime in self._runtimes:
+            runtime.wrapper_forwards = 1
 
     def _check_checkpointing(self) -> None:
         """Warn once if activation checkpointing is on and would recompute shared blocks with other per-layer values
@@ -227,8 +248,7 @@ class Apollo(nn.Module):
         """Put the schedule at optimizer step `step` (stage, unique blocks, depth) without touching weights or
         optimizer state: for weights restored from a checkpoint of that step by other means (a Trainer checkpoint,
         say). Prefer ``load_state_dict``, which checks that the state belongs to this schedule."""
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise GrowopsError(f"restore_step needs a non-negative int step, got {step!r}")
+        step = check_int("restore_step's step", step)
         stage = self._schedule.stage_at(step)
         depth = self._sample(self._schedule.stages[stage], step)
         self.step_count, self.stage = step, stage
@@ -238,12 +258,15 @@ class Apollo(nn.Module):
     def _grow(self, optimizer: torch.optim.Optimizer | None) -> None:
         n_old, n_new = self.unique_layers, self._schedule.stages[self.stage + 1]
         sources = growth_sources(n_old, n_new, self._growth)
+        states = {}
+        if optimizer is not None:  # everything that can fail first: the optimizer side, then the weights
+            self._check_holds(optimizer)
+            for runtime in self._runtimes:
+                states |= new_states(optimizer, runtime.units(), sources, self._policy)
         for runtime in self._runtimes:
-            units = runtime.units()
-            copy_units(units, sources, runtime.per_layer)
-            if optimizer is not None:
-                remap_optimizer_state(optimizer, units, sources, self._policy)
+            copy_units(runtime.units(), sources, runtime.per_layer)
         if optimizer is not None:
+            apply_states(optimizer, states)
             self._warn_unheld(optimizer, n_new)
         elif self._policy != "keep" and "optimizer" not in self._warned:
             self._warned.add("optimizer")
@@ -252,6 +275,14 @@ class Apollo(nn.Module):
                           stacklevel=3)
         self._configure(n_new, self.depth)
         self.stage += 1
+
+    def _check_holds(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an optimizer that holds none of the stacks' parameters: it is not the one that trains the model,
+        and the one that does would never get the optimizer-state policy."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in held for r in self._runtimes for b in r.blocks for p in b.parameters()):
+            raise GrowopsError(f"a.step got an optimizer that holds none of {', '.join(self._plan.paths)}'s "
+                               "parameters: pass the optimizer that trains this model (built over a.parameters())")
 
     def _warn_unheld(self, optimizer: torch.optim.Optimizer, live: int) -> None:
         """Warn once if the optimizer lacks parameters of live units: they would never train."""
@@ -288,25 +319,27 @@ class Apollo(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self._check_state(state)
+        if self.__dict__.get("_loading"):  # a load_state_dict: applied once the weights are in (_after_load)
+            self.__dict__["_pending"] = state
+        else:
+            self._apply_state(state)
+
+    def _apply_state(self, state: dict) -> None:
         self.step_count, self.stage = state["step"], state["stage"]
         self._configure(state["unique"], state["depth"])
         self._micro_batch = 0
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Restore weights and the schedule position. The whole state is checked before anything is written: a
-        state from another schedule or model raises a GrowopsError and changes nothing."""
-        self.__dict__["_strict_load"] = strict  # torch passes strict=True down to _load_from_state_dict
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        finally:
-            self.__dict__.pop("_strict_load", None)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        """``load_state_dict`` restores weights and the schedule position; the whole state is checked first, so a
+        state from another schedule or model raises a GrowopsError and changes nothing, and the schedule moves only
+        once every weight is loaded."""
         # torch calls this on `a` before anything under it is loaded, whoever started the load (a.load_state_dict,
-        # a DDP or compile wrapper's, which load strictly): checking the whole state here keeps a failed load from
-        # half-applying.
-        strict = self.__dict__.get("_strict_load", True)
+        # a DDP or compile wrapper's); it passes strict=True whatever the caller asked, so read the caller's.
+        strict, assign = load_options()
+        if assign or local_metadata.get("assign_to_params_buffers"):
+            raise GrowopsError("load_state_dict(..., assign=True) would replace the model's parameters, which the "
+                               "optimizer and tied weights hold: load without assign=True")
         incoming = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if EXTRA in incoming:
             self._check_state(incoming[EXTRA])
@@ -314,6 +347,7 @@ class Apollo(nn.Module):
             raise GrowopsError(f"this state_dict has no growops schedule (key {prefix + EXTRA!r}): load a plain "
                                "model's weights with a.model.load_state_dict(...), or save with a.state_dict()")
         check_tensors(self.state_dict(), incoming, strict, prefix)
+        self.__dict__.update(_loading=True, _pending=None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -326,6 +360,14 @@ class Apollo(nn.Module):
     def _check_state(self, state) -> None:
         check_fingerprint(state, self._fingerprint())
         check_position(state, self._schedule, self.layers)
+
+
+def _after_load(a: Apollo, incompatible_keys) -> None:
+    """Load post-hook: every weight under `a` is in; now the schedule moves."""
+    pending = a.__dict__.pop("_pending", None)
+    a.__dict__["_loading"] = False
+    if pending is not None:
+        a._apply_state(pending)
 
 
 def _refuse_undecided(plan: Plan) -> None:
@@ -353,7 +395,11 @@ def _checkpointing(model: nn.Module, runtimes: list[StackRuntime]) -> bool:
 
 def _draw(sampler, name: str, unique: int, layers: int, seed: int, step: int, micro_batch: int = 0) -> int:
     """The depth of optimizer step `step` (and micro-batch), checked: an int in [unique, layers]."""
-    depth = sampler(unique, layers, step_rng(seed, step, micro_batch))
+    try:
+        depth = sampler(unique, layers, step_rng(seed, step, micro_batch))
+    except Exception as e:  # noqa: BLE001 - a user's sampler: say which call failed, keep the cause
+        raise GrowopsError(f"sampler {name} failed on (unique={unique}, L={layers}, rng) at step {step}: "
+                           f"{type(e).__name__}: {e}; a sampler takes (unique, L, rng) and returns a depth") from e
     if isinstance(depth, float) and depth.is_integer():
         depth = int(depth)
     if not isinstance(depth, (int, np.integer)) or isinstance(depth, bool):

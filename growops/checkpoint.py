@@ -8,6 +8,7 @@ an alias of the other.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .apollo import Apollo
@@ -15,17 +16,23 @@ from .errors import GrowopsError, GrowopsTypeError
 from .state import EXTRA
 
 
-def _check_wrapper(a, what: str) -> None:
+def _check_wrapper(a, path, what: str) -> None:
     if not isinstance(a, Apollo):
         raise GrowopsTypeError(f"{what} takes the growops.apollo wrapper `a`, got a {type(a).__name__}; for a plain "
                                "model use safetensors.torch.save_model / load_model")
+    if not isinstance(path, (str, os.PathLike)):
+        raise GrowopsTypeError(f"{what} takes a file path, got {type(path).__name__}")
+    if Path(path).is_dir():
+        raise GrowopsError(f"{what}: {path} is a directory; give the path of a .safetensors file")
 
 
 def save_safetensors(a: Apollo, path: str | Path) -> None:
     """Write `a`'s weights and schedule position to `path` (a ``.safetensors`` file)."""
     from safetensors.torch import save_file
 
-    _check_wrapper(a, "save_safetensors")
+    _check_wrapper(a, path, "save_safetensors")
+    if not Path(path).parent.is_dir():
+        raise GrowopsError(f"save_safetensors: the folder of {path} does not exist; create it first")
     state = a.state_dict()
     schedule = state.pop(EXTRA)
     tensors, aliases, first = {}, {}, {}
@@ -45,7 +52,7 @@ def load_safetensors(a: Apollo, path: str | Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    _check_wrapper(a, "load_safetensors")
+    _check_wrapper(a, path, "load_safetensors")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -10,3 +10,23 @@ class GrowopsError(ValueError):
 
 class GrowopsTypeError(GrowopsError, TypeError):
     """An argument of the wrong type (still a GrowopsError, so one `except` catches everything)."""
+
+
+def check_choice(what: str, value, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of the strings `choices`; a GrowopsTypeError for a non-string, a GrowopsError otherwise."""
+    if not isinstance(value, str):
+        raise GrowopsTypeError(f"{what} must be one of {', '.join(map(repr, choices))}, got a {type(value).__name__}")
+    if value not in choices:
+        raise GrowopsError(f"unknown {what} {value!r}: use one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_int(what: str, value, minimum: int = 0) -> int:
+    """`value` as an int if it is an integer (Python or NumPy, not bool) >= `minimum`."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise GrowopsTypeError(f"{what} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise GrowopsError(f"{what} must be an int >= {minimum}, got {value!r}")
+    return int(value)

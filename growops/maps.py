@@ -20,16 +20,14 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from .errors import GrowopsError
+from .errors import GrowopsError, check_choice
 
 Growth = Literal["interpolate", "stack"]
 GROWTHS: tuple[str, ...] = ("interpolate", "stack")
 
 
 def check_growth(growth: str) -> str:
-    if growth not in GROWTHS:
-        raise GrowopsError(f"unknown growth {growth!r}: use one of {', '.join(map(repr, GROWTHS))}")
-    return growth
+    return check_choice("growth", growth, GROWTHS)
 
 
 @lru_cache(maxsize=4096)

@@ -12,20 +12,18 @@ slot held before, which may have belonged to another block (the authors' behavio
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 import torch
 from torch import nn
 
-from .errors import GrowopsError, GrowopsTypeError
+from .errors import GrowopsError, GrowopsTypeError, check_choice
 
 POLICIES: tuple[str, ...] = ("copy", "reset", "keep")
 
 
 def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise GrowopsError(f"unknown optimizer_state {policy!r}: use one of {', '.join(map(repr, POLICIES))}")
-    return policy
+    return check_choice("optimizer_state", policy, POLICIES)
 
 
 def check_optimizer(optimizer) -> None:
@@ -33,8 +31,9 @@ def check_optimizer(optimizer) -> None:
     if optimizer is None:
         return
     groups = getattr(optimizer, "param_groups", None)
+    state = getattr(optimizer, "state", None)
     if not (isinstance(groups, list) and all(isinstance(g, dict) and "params" in g for g in groups)
-            and hasattr(optimizer, "state")):
+            and isinstance(state, MutableMapping)):
         hint = " (an LR scheduler: pass its .optimizer)" if hasattr(optimizer, "optimizer") else ""
         raise GrowopsTypeError(f"a.step() takes the optimizer that trains the model, or nothing; got a "
                                f"{type(optimizer).__name__}{hint}")
@@ -49,23 +48,39 @@ def unheld(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, nn.Param
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, blocks: Sequence[nn.Module | Sequence[nn.Module]],
                           sources: Sequence[int], policy: str) -> None:
     """Apply `policy` to `optimizer`'s state after block (or unit of blocks) j took ``sources[j]``'s weights."""
+    apply_states(optimizer, new_states(optimizer, blocks, sources, policy))
+
+
+def new_states(optimizer: torch.optim.Optimizer, blocks: Sequence[nn.Module | Sequence[nn.Module]],
+               sources: Sequence[int], policy: str) -> dict[nn.Parameter, dict | None]:
+    """What `policy` makes of the optimizer state of each parameter that growth along `sources` overwrites: a fresh
+    copy of its source's state, or None (no state). Computed before anything changes, so a failure here (a state that
+    does not copy) leaves everything as it was; ``apply_states`` then cannot fail."""
     check_policy(policy)
     if policy == "keep":
-        return
+        return {}
     changed = [j for j, s in enumerate(sources) if s != j]
     held = {p for group in optimizer.param_groups for p in group["params"]}
     params = [[p for m in ((b,) if isinstance(b, nn.Module) else b) for _, p in m.named_parameters(
         remove_duplicate=False)] for b in blocks]
     # A parameter that an unchanged block also holds (tied across blocks) keeps its state.
     unchanged = {p for j, ps in enumerate(params) if j not in changed for p in ps}
-    # "copy" snapshots the sources before writing (a source block may also be a destination); "reset" needs none.
-    before = {s: [copy.deepcopy(optimizer.state.get(p)) for p in params[s]] for s in {sources[j] for j in changed}} \
-        if policy == "copy" else {}
+    out = {}
     for j in changed:
         for i, p in enumerate(params[j]):
-            if p not in held or p in unchanged:
-                continue
-            optimizer.state.pop(p, None)
-            state = before[sources[j]][i] if policy == "copy" else None
-            if state:
-                optimizer.state[p] = copy.deepcopy(state)
+            if p in held and p not in unchanged:
+                source = optimizer.state.get(params[sources[j]][i]) if policy == "copy" else None
+                try:
+                    out[p] = copy.deepcopy(source) if source else None
+                except Exception as e:  # noqa: BLE001 - an optimizer state that does not copy: refuse, change nothing
+                    raise GrowopsError(f"optimizer_state='copy' cannot copy the optimizer's state of a parameter "
+                                       f"({type(e).__name__}: {e}); use optimizer_state='reset'") from e
+    return out
+
+
+def apply_states(optimizer: torch.optim.Optimizer, states: dict[nn.Parameter, dict | None]) -> None:
+    """Set the states ``new_states`` computed (None: drop the parameter's state)."""
+    for p, state in states.items():
+        optimizer.state.pop(p, None)
+        if state is not None:
+            optimizer.state[p] = state

@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 from .errors import GrowopsError, GrowopsTypeError
 from .fx.analysis import BlockStack, analyse, call_sequence
 from .fx.passes import insert_depth_gate
-from .fx.trace import TracedModel, graph_trace, trace_model
+from .fx.trace import graph_trace, trace_model
 from .stack import STACK_ATTR, StackRuntime, can_share, share, unshare
 from .structure import Layout, block_containers, difference, find_layout, join, module_signature
 from .values import MISSING, classify, read
@@ -46,6 +46,7 @@ class Plan:
 
     stacks: tuple[BlockStack, ...]
     mode: str
+    probed: tuple = field(default=(), compare=False, repr=False)  # (id of the model, mode) the probe found
 
     @property
     def layers(self) -> int:
@@ -80,18 +81,14 @@ class Plan:
             undecided = {p: v for p, v in s.undecided_values.items() if p not in per_layer and p not in constant}
             stacks.append(dataclasses.replace(s, per_layer_values=per, undecided_values=undecided,
                                               constant_values=tuple(dict.fromkeys([*s.constant_values, *constant]))))
-        return Plan(tuple(stacks), self.mode)
+        return Plan(tuple(stacks), self.mode, self.probed)
 
 
 def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, example_inputs: Any = None) -> Plan:
     """Analyse `model` without changing it (see the module docstring); raise a GrowopsError naming what is missing."""
     if not isinstance(model, nn.Module):
         raise GrowopsTypeError(f"growops plans an nn.Module, got {type(model).__name__}")
-    wrapped = [name for name, m in model.named_modules() if STACK_ATTR in m.__dict__]
-    if wrapped:
-        raise GrowopsError(f"{wrapped[0] or type(model).__name__} is already managed by a growops.apollo wrapper: wrap "
-                           "the original model once (several stacks together: stack=('encoder.layers', "
-                           "'decoder.layers')); to grow a grown model again, wrap a.export()")
+    _refuse_wrapped(model)
     containers = block_containers(model)
     wanted, layouts = _wanted(model, stack, containers)
     leaves = {model.get_submodule(b) for blocks, _ in containers.values() for b in blocks}
@@ -109,18 +106,21 @@ def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, exampl
     if any(not s.path for s in stacks):
         raise GrowopsError(f"{type(model).__name__} is itself the block container: wrap it in a module that holds it "
                            "as an attribute (e.g. self.blocks) and calls it")
-    mode = _probe_mode(model, stacks, traced, leaves, example_inputs)
+    mode = _probe_mode(model, stacks, leaves, example_inputs)
     if mode == "graph":
         _check_graph_mode(model, stacks)
-    return Plan(stacks, mode)
+    return Plan(stacks, mode, (id(model), mode))
 
 
-def check_plan(model: nn.Module, plan: Plan) -> None:
-    """Raise a GrowopsError unless `plan` describes `model` (its stacks, children and per-layer values)."""
+def check_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> None:
+    """Raise a GrowopsError unless `plan` describes `model` (its stacks, children, per-layer values and mode)."""
     if not isinstance(plan, Plan):
         raise GrowopsTypeError(f"plan= takes a growops.plan(model) result, got {type(plan).__name__}")
     if plan.mode not in MODES:
         raise GrowopsError(f"plan mode must be one of {MODES}, got {plan.mode!r}")
+    _refuse_wrapped(model)
+    if len(set(plan.paths)) != len(plan.paths):
+        raise GrowopsError(f"the plan names a stack twice: {plan.paths}")
     modules = dict(model.named_modules())
     for s in plan.stacks:
         if s.path not in modules:
@@ -144,6 +144,20 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
             if not found:
                 raise GrowopsError(f"the plan's value {path!r} is not in {s.path}'s blocks (a path inside a unit, as "
                                    "print(plan) shows them)")
+    if plan.mode == "container" and plan.probed != (id(model), "container"):  # not probed on this model
+        leaves = {modules[b] for s in plan.stacks for b in s.blocks}
+        if _probe_mode(model, plan.stacks, leaves, example_inputs) != "container":
+            raise GrowopsError(f"the plan runs {', '.join(plan.paths)} in container mode, but this model's forward "
+                               "does not reach its blocks by iterating the container: use growops.plan(model) on this "
+                               "model (graph mode)")
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    wrapped = [name for name, m in model.named_modules() if STACK_ATTR in m.__dict__]
+    if wrapped:
+        raise GrowopsError(f"{wrapped[0] or type(model).__name__} is already managed by a growops.apollo wrapper: wrap "
+                           "the original model once (several stacks together: stack=('encoder.layers', "
+                           "'decoder.layers')); to grow a grown model again, wrap a.export()")
 
 
 def _wanted(model: nn.Module, stack, containers: dict) -> tuple[tuple[str, ...], dict[str, Layout]]:
@@ -157,13 +171,15 @@ def _wanted(model: nn.Module, stack, containers: dict) -> tuple[tuple[str, ...],
                                "nn.Sequential) and found none; growops needs a stack of blocks, e.g. an nn.ModuleList"
                                f"{_near_misses(model)}")
         return (), {}
-    specs = (stack,) if isinstance(stack, str) else tuple(stack)
+    specs = (stack,) if isinstance(stack, str) else tuple(stack) if isinstance(stack, (tuple, list)) else None
     if not specs or not all(isinstance(p, str) for p in specs):
-        raise GrowopsError(f"stack= takes a container's module path or a tuple of them, got {stack!r}")
+        raise GrowopsTypeError(f"stack= takes a container's module path or a tuple of them, got {stack!r}")
     modules = dict(model.named_modules())
     paths, layouts = [], {}
     for spec in specs:
         path, window = _parse_spec(spec)
+        if path in paths:
+            raise GrowopsError(f"stack= names {path} twice ({stack!r}): name each container once")
         paths.append(path)
         if window is not None and path in modules:
             layouts[path] = _layout_within(modules[path], spec, window)
@@ -305,8 +321,7 @@ def _with_values(model: nn.Module, s: BlockStack) -> BlockStack:
     return dataclasses.replace(s, per_layer_values=per_layer, undecided_values=undecided)
 
 
-def _probe_mode(model: nn.Module, stacks: tuple[BlockStack, ...], traced: TracedModel, leaves: set,
-                example_inputs: Any) -> str:
+def _probe_mode(model: nn.Module, stacks: tuple[BlockStack, ...], leaves: set, example_inputs: Any) -> str:
     """"container" if the forward reaches every stack's blocks through its container, else "graph".
 
     Probes trace the forward again with each container running unit 0 at a few positions, and the graph must call each
@@ -319,12 +334,12 @@ def _probe_mode(model: nn.Module, stacks: tuple[BlockStack, ...], traced: Traced
         return "graph"
     layers = stacks[0].layers
     for depth in (2,) if layers >= 3 else (1, 2):
-        runtimes = [StackRuntime(c, s.layout, path=s.path) for c, s in zip(containers, stacks)]
-        for c, runtime in zip(containers, runtimes):
-            share(c, runtime)
-            runtime.unique, runtime.depth, runtime.layers = 1, depth, depth  # a throwaway runtime: the same in any mode
-            runtime.active += 1  # the traced forward is a forward: containers see positions
         try:
+            for c, s in zip(containers, stacks):
+                runtime = StackRuntime(c, s.layout, path=s.path)
+                share(c, runtime)
+                runtime.unique, runtime.depth, runtime.layers = 1, depth, depth  # throwaway: the same in any mode
+                runtime.active += 1  # the traced forward is a forward: containers see positions
             probe = trace_model(model, leaves, example_inputs)
         except GrowopsError:
             return "graph"

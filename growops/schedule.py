@@ -9,6 +9,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import math
 from bisect import bisect_right
 from collections.abc import Callable
@@ -69,7 +70,8 @@ def resolve_sampler(sampler: SamplerSpec) -> tuple[str, Sampler]:
                                "or a callable (unique, L, rng) -> depth")
         return sampler, SAMPLERS[sampler]
     if callable(sampler):
-        named = sampler if hasattr(sampler, "__qualname__") else type(sampler)
+        named = sampler.func if isinstance(sampler, functools.partial) else sampler
+        named = named if hasattr(named, "__qualname__") else type(named)
         return f"{getattr(named, '__module__', None) or '?'}.{named.__qualname__}", sampler
     raise GrowopsTypeError(
         f"sampler must be a name or a callable (unique, L, rng) -> depth, got {type(sampler).__name__}")

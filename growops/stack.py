@@ -74,6 +74,9 @@ class StackRuntime:
         self.route_replacements = False  # route the linears of blocks replaced after wrapping (shared_linear)
         self._own: list[dict[str, Any]] | None = None  # each unit's own per-layer values while a forward runs
         self._versions: dict = {}  # version counters of shared units' buffers while a forward runs
+        self.owned = False  # set by the Apollo wrapper that owns this runtime (owner: a weak reference to it)
+        self.owner = None
+        self.wrapper_forwards = None  # resample="micro_batch": training forwards a(...) announced, not yet begun
         self._unit_of = self._index_units()
 
     # ---------------------------------------------------------------- what runs
@@ -139,6 +142,7 @@ class StackRuntime:
         per-layer values (read now, so ``model.to()`` and loaded weights are seen)."""
         if self._own is not None:
             return
+        self._check_owner()
         self.sync()
         self.cast_cache.clear()
         self._own = [{p: read(unit, p) for p in self.per_layer} for unit in self.units()]
@@ -163,6 +167,20 @@ class StackRuntime:
                     f"per layer (each position keeps its own): p = growops.plan(model); "
                     f"p = p.declare(per_layer=[{path!r}]); growops.apollo(model, ..., plan=p), or constant=[...] if "
                     "sharing it is right")
+
+    def _check_owner(self) -> None:
+        """Raise if this runtime lost its wrapper (a copy of the wrapped model, made by copy.deepcopy(a.model)), or if a
+        training forward bypasses the wrapper that draws each forward's depth (resample="micro_batch")."""
+        if self.owned and (self.owner is None or self.owner() is None):
+            raise GrowopsError(f"this model is a copy of a model growops manages ({self.path} was copied with "
+                               "copy.deepcopy(a.model), say): its blocks follow the schedule as it stood when copied, "
+                               "not the wrapper's. For an EMA or a teacher copy a.export(); to copy the wrapper, "
+                               "copy.deepcopy(a)")
+        if self.wrapper_forwards is not None and self.training:
+            if self.wrapper_forwards == 0:
+                raise GrowopsError("resample='micro_batch' draws each training forward's depth in a(...): call a(...), "
+                                   "not a.model(...) (or build apollo with resample='step')")
+            self.wrapper_forwards -= 1
 
     def _state_versions(self) -> dict:
         """The version counters of the buffers of units that run at several positions in this forward (not per-layer
@@ -259,7 +277,8 @@ class StackRuntime:
 
     def __getstate__(self) -> dict:
         # Casts and forward state are not state; ids change in a copy.
-        return {**self.__dict__, "cast_cache": {}, "active": 0, "_own": None, "_versions": {}, "_unit_of": None}
+        return {**self.__dict__, "cast_cache": {}, "active": 0, "_own": None, "_versions": {}, "_unit_of": None,
+                "owner": None}
 
 
 

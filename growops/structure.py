@@ -172,7 +172,7 @@ def explain_fixed(names: Sequence[str], modules: Sequence[nn.Module], layout: La
 
 
 def join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def inside(path: str, prefix: str) -> bool:

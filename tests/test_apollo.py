@@ -297,7 +297,9 @@ def test_loading_another_schedule_raises_and_changes_nothing():
     (dict(sampler="lvsp"), GrowopsError, "unknown sampler"),
     (dict(growth="grow"), GrowopsError, "unknown growth"),
     (dict(optimizer_state="zero"), GrowopsError, "unknown optimizer_state"),
-    (dict(seed=-1), GrowopsError, "seed must be a non-negative int"),
+    (dict(seed=-1), GrowopsError, "seed must be an int >= 0, got -1"),
+    (dict(seed=1.5), GrowopsTypeError, "seed must be an int >= 0, got 1.5 \\(float\\)"),
+    (dict(growth=None), GrowopsTypeError, "growth must be one of .interpolate., .stack., got a NoneType"),
     (dict(stack="head"), GrowopsError, "stack='head' is not a module of GPT; candidates: \\['blocks'\\]"),
     (dict(stack="ln_f"), GrowopsError, "'ln_f' is not a container of repeated blocks in GPT \\(it has 0 child"),
 ])
@@ -574,7 +576,7 @@ def test_step_checks_everything_before_changing_anything():
     assert str(opt.state_dict()) == str(moments)
     a.step(opt)  # the retry works
     assert (a.step_count, a.unique_layers, a.depth) == (1, 4, 4)
-    with pytest.raises(GrowopsError, match="non-negative int"):
+    with pytest.raises(GrowopsTypeError, match="restore_step's step must be an int >= 0, got True"):
         a.restore_step(True)
     assert a.step_count == 1
 
@@ -601,3 +603,55 @@ def test_export_of_a_container_that_keeps_its_own_list_equals_evaluation():
     exported = a.export().eval()
     assert exported.layers.items[3] is exported.layers._modules["3"]
     torch.testing.assert_close(exported(arch.inputs()), a(arch.inputs()), rtol=0, atol=1e-6)
+
+
+def test_misuse_found_by_trying_the_api():
+    model = tiny_gpt(4)
+    with pytest.raises(GrowopsError, match="stack= names blocks twice"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,), stack=("blocks", "blocks[1:]"))
+    assert type(model.blocks) is nn.ModuleList and not model.blocks.__dict__.get("_growops_stack")
+    with pytest.raises(GrowopsTypeError, match="stack= takes a container's module path"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,), stack=3)
+    with pytest.raises(GrowopsError, match=r"sampler .* failed on \(unique=2, L=4, rng\) at step 0: ZeroDivisionError"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,), sampler=lambda u, n, rng: 1 // 0)
+
+    plan = growops.plan(model)
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), plan=plan)
+    with pytest.raises(GrowopsError, match="already managed by a growops.apollo wrapper"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,), plan=plan)  # plan= checks it too
+    other = torch.optim.AdamW(tiny_gpt(4).parameters())
+    with pytest.raises(GrowopsError, match="holds none of blocks's parameters"):
+        a.step(other)
+    assert a.step_count == 0 and a.unique_layers == 2
+
+    class Iterating(IndexLoopNet):
+        def forward(self, x):
+            scale = torch.sigmoid(x.mean())
+            h = self.inp(x)
+            for i, layer in enumerate(self.layers):
+                h = layer(h, scale, i)[0]
+            return self.out(h)
+
+    iterating_plan = growops.plan(Iterating(4))
+    assert iterating_plan.mode == "container"
+    with pytest.raises(GrowopsError, match="runs layers in container mode, but this model's forward does not reach"):
+        growops.apollo(IndexLoopNet(4), stages=(2, 4), stage_steps=(1,), plan=iterating_plan)
+
+
+def test_a_copy_of_the_wrapped_model_is_refused_and_a_copy_of_the_wrapper_works():
+    a = growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(1,))
+    teacher = copy.deepcopy(a.model)
+    with pytest.raises(GrowopsError, match="copy of a model growops manages.*copy a.export\\(\\)"):
+        teacher(**gpt_batch())
+    b = copy.deepcopy(a)
+    b.step()
+    assert b.unique_layers == 4 and a.unique_layers == 2 and torch.isfinite(b(**gpt_batch()).loss)
+
+
+def test_micro_batch_resampling_needs_the_wrapper():
+    a = growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(9,), resample="micro_batch")
+    a(**gpt_batch())
+    with pytest.raises(GrowopsError, match="resample='micro_batch' draws each training forward's depth in a"):
+        a.model(**gpt_batch())
+    a.eval()
+    a.model(**gpt_batch())  # evaluation draws nothing

@@ -298,3 +298,183 @@ def test_choosing_the_growable_core_with_a_slice():
         growops.plan(model, stack="layers[1:3]")
     a = growops.apollo(model, stages=(1, 2), stage_steps=(1,), stack="layers[2:]")
     assert a.state_dict()["_extra_state"]["stack"] == ["layers[2:4]"]
+
+
+# ---------------------------------------------------------------- found by trying models as a user would
+class _Lin(nn.Module):
+    def __init__(self, i: int = 0):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.scale = 1.0 / (i + 1)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x) * self.scale)
+
+
+class _Stack(nn.Module):
+    def __init__(self, n=4, block=_Lin):
+        super().__init__()
+        self.layers = nn.ModuleList([block(i) for i in range(n)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_blocks_looked_up_by_name_run_in_graph_mode():
+    class ByName(_Stack):
+        def forward(self, x):
+            for i in range(len(self.layers)):
+                x = getattr(self.layers, str(i))(x)
+            return x
+
+    model = ByName()
+    a = growops.apollo(model, stages=(1, 4), stage_steps=(1,), optimizer_state="keep").eval()
+    assert a.mode == "graph"
+    x = torch.randn(2, 4)
+    before = a(x)
+    torch.testing.assert_close(a.export().eval()(x), before)
+    a.step()
+    torch.testing.assert_close(a(x), before)  # 1 -> 4 by a multiple
+
+
+def test_tensors_tied_across_blocks_are_refused_and_ties_in_every_block_work():
+    model = _Stack()
+    model.layers[2].fc = model.layers[1].fc
+    with pytest.raises(GrowopsError, match="layers.1.fc.weight and layers.2.fc.weight are one tensor"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    model = _Stack()
+    model.head = nn.Linear(4, 4)
+    model.head.weight = model.layers[3].fc.weight
+    with pytest.raises(GrowopsError, match="layers.3.fc.weight and head.weight are one tensor"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    assert type(model.layers) is nn.ModuleList
+    model = _Stack()
+    shared = nn.Linear(4, 4)
+    for layer in model.layers:
+        layer.extra = shared  # tied alike in every block: growth copies it onto itself
+    growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+
+
+class _CachedBlock(_Lin):
+    """Keeps a key cache in a buffer, as Meta's reference LLaMA does."""
+
+    def __init__(self, i: int = 0):
+        super().__init__(i)
+        self.register_buffer("cache", torch.zeros(2, 8, 4), persistent=False)
+
+    def forward(self, x, start: int = 0):
+        self.cache[:, start:start + x.shape[1]] = self.fc(x).detach()
+        return x + torch.tanh(self.cache[:, :start + x.shape[1]].mean(1, keepdim=True) * self.scale)
+
+
+class _Cached(_Stack):
+    def __init__(self):
+        super().__init__(block=_CachedBlock)
+
+    def forward(self, x, start: int = 0):
+        for layer in self.layers:
+            x = layer(x, start)
+        return x
+
+
+def test_state_written_into_a_shared_block_is_refused_until_declared():
+    x = torch.randn(2, 3, 4)
+    a = growops.apollo(_Cached(), stages=(1, 4), stage_steps=(5,), example_inputs=(x,)).eval()
+    with pytest.raises(GrowopsError, match="wrote into cache of layers's unit 0 while that unit ran at several "
+                                           "positions.*declare\\(per_layer=\\['cache'\\]\\)"):
+        a(x)
+    model = _Cached()
+    plan = growops.plan(model, example_inputs=(x,)).declare(per_layer=["cache"])
+    a = growops.apollo(model, stages=(1, 4), stage_steps=(5,), plan=plan).eval()
+    exported = a.export().eval()
+    for start in (0, 3):  # prefill, then decode: every position keeps its own cache
+        step = x[:, :3] if start == 0 else x[:, :1]
+        torch.testing.assert_close(a(step, start), exported(step, start))
+
+
+def test_recomputation_with_per_layer_values_is_refused_and_cache_indices_are_fine():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(_Lin):
+        def forward(self, x):
+            return checkpoint(super().forward, x, use_reentrant=False)
+
+    a = growops.apollo(_Stack(block=Checkpointed), stages=(1, 4), stage_steps=(5,), sampler="full")
+    loss = a(torch.randn(2, 4)).square().sum()
+    with pytest.raises(GrowopsError, match="recomputed in the backward .* per-layer values \\(scale\\)"):
+        loss.backward()
+
+    class IndexOnly(Checkpointed):
+        def __init__(self, i: int = 0):
+            super().__init__(0)
+            self.layer_idx = i  # a cache index only: recomputing with the block's own is harmless in training
+
+    a = growops.apollo(_Stack(block=IndexOnly), stages=(1, 4), stage_steps=(5,), sampler="full")
+    a(torch.randn(2, 4)).square().sum().backward()
+
+
+def test_a_method_iterating_the_container_is_refused_while_blocks_are_stale():
+    class WithEncode(_Stack):
+        def encode(self, x):  # not the forward: the container is physical here
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = WithEncode()
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), sampler="full")
+    with pytest.raises(GrowopsError, match="layers.2 ran outside the model's forward, but it is not live yet"):
+        model.encode(torch.randn(2, 4))
+    a.step()  # every block live: the physical blocks are the model
+    torch.testing.assert_close(model.encode(torch.ones(2, 4)), a(torch.ones(2, 4)))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_more_block_kinds():
+    from torch.nn.utils import parametrizations
+
+    model = _Stack()
+    for layer in model.layers:  # each parametrized module gets a class of its own: still one stack
+        parametrizations.weight_norm(layer.fc)
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), optimizer_state="keep").eval()
+    x = torch.randn(2, 4)
+    before = a(x)
+    a.step()
+    torch.testing.assert_close(a(x), before)
+
+    model = _Stack()
+    model.acts = nn.ModuleList([nn.GELU() for _ in range(4)])  # nothing to grow: not a candidate stack
+    assert growops.plan(model).paths == ("layers",)
+
+    model = _Stack()
+    model.layers = nn.ModuleList([torch.jit.script(_Lin(i)) for i in range(4)])
+    with pytest.raises(GrowopsError, match="layers.0 is a TorchScript module"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+
+
+def test_stacks_run_twice_and_stacks_of_stacks_run_in_container_mode():
+    class Siamese(_Stack):
+        def forward(self, x):
+            return super().forward(x) - super().forward(x.flip(0))
+
+    a = growops.apollo(Siamese(), stages=(2, 4), stage_steps=(1,), sampler="unique")
+    assert a.mode == "container"
+    x = torch.randn(2, 4)
+    untied = Siamese()
+    untied.layers = nn.ModuleList([a.model.layers[0], a.model.layers[1]])
+    torch.testing.assert_close(a(x), untied(x))
+
+    class Stages(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.ModuleList([_Lin(), _Lin()]) for _ in range(4)])
+
+        def forward(self, x):
+            for stage in self.layers:
+                for block in stage:
+                    x = block(x)
+            return x
+
+    a = growops.apollo(Stages(), stages=(2, 4), stage_steps=(1,))
+    assert a.mode == "container" and a.plan.paths == ("layers",)

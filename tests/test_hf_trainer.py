@@ -92,3 +92,15 @@ def test_giving_the_trainer_the_wrapper_is_refused_before_training(tmp_path):
                                                    "Trainer\\(model=a.model"):
         transformers.Trainer(model=a, args=args, train_dataset=_data(), callbacks=[ApolloCallback(a)])
     assert a.step_count == 0
+
+
+def test_a_callback_added_twice_steps_once_and_another_model_is_refused(tmp_path):
+    a = _apollo()
+    trainer = _trainer(a, tmp_path / "twice", save_strategy="no")
+    trainer.add_callback(ApolloCallback(a))
+    trainer.train()
+    assert a.step_count == 6  # one a.step() per optimizer step
+    other = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "other"), max_steps=2, report_to=[], use_cpu=True)
+    with pytest.raises(growops.GrowopsError, match="the Trainer trains a GPT2LMHeadModel, not a.model"):
+        transformers.Trainer(model=other, args=args, train_dataset=_data(), callbacks=[ApolloCallback(_apollo())])

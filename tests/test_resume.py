@@ -3,6 +3,7 @@
 import copy
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,8 +123,10 @@ def test_restore_step_matches_the_schedule():
         a.step()
     b.restore_step(7)
     assert (b.step_count, b.stage, b.unique_layers, b.depth) == (a.step_count, a.stage, a.unique_layers, a.depth)
-    with pytest.raises(GrowopsError, match="non-negative int"):
+    with pytest.raises(GrowopsError, match="step must be an int >= 0, got -1"):
         b.restore_step(-1)
+    b.restore_step(np.int64(7))  # NumPy ints are ints
+    assert b.step_count == 7 and type(b.step_count) is int
 
 
 def test_loading_another_model_raises_and_changes_nothing():

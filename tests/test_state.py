@@ -99,3 +99,56 @@ def test_custom_samplers_are_told_apart_by_name_and_code():
     state = _make(sampler=lambda unique, layers, rng: layers).state_dict()
     with pytest.warns(UserWarning, match="has other code than the one this state was saved with"):
         _make(sampler=lambda unique, layers, rng: unique).load_state_dict(state)
+
+
+def test_loads_that_torch_would_half_apply_are_refused_first():
+    source = _make()
+    for _ in range(4):
+        source.step()
+    a = _make()
+    before = _snapshot(a)
+    for bad in (torch.empty(64, 16, device="meta"), source.state_dict()["model.lm_head.weight"].to_sparse()):
+        state = {**source.state_dict(), "model.lm_head.weight": bad}
+        with pytest.raises(GrowopsError, match="model.lm_head.weight is a .* tensor, which holds no values"):
+            a.load_state_dict(state)
+        assert _unchanged(a, before)
+    with pytest.raises(GrowopsError, match="assign=True\\) would replace the model's parameters"):
+        a.load_state_dict(source.state_dict(), assign=True)
+    assert _unchanged(a, before)
+
+
+def test_strict_false_through_a_wrapper_is_honoured():
+    class Holder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    source = _make()
+    for _ in range(4):
+        source.step()
+    state = {f"inner.{k}": v for k, v in source.state_dict().items() if k != "model.ln_f.weight"}
+    a = _make()
+    result = Holder(a).load_state_dict(state, strict=False)
+    assert result.missing_keys == ["inner.model.ln_f.weight"] and a.step_count == 4
+    with pytest.raises(GrowopsError, match="missing \\['inner.model.ln_f.weight'\\]"):
+        Holder(_make()).load_state_dict(state)
+
+
+def test_partials_and_bound_methods_are_told_apart():
+    import functools
+
+    from growops.schedule import full_depth, unique_depth
+
+    class Capped:
+        def __init__(self, cap):
+            self.cap = cap
+
+        def draw(self, unique, layers, rng):
+            return max(unique, min(self.cap, layers))
+
+    state = _make(sampler=functools.partial(full_depth)).state_dict()
+    with pytest.raises(GrowopsError, match="sampler: saved 'growops.schedule.full_depth'"):
+        _make(sampler=functools.partial(unique_depth)).load_state_dict(state)
+    state = _make(sampler=Capped(4).draw).state_dict()
+    with pytest.warns(UserWarning, match="has other code"):
+        _make(sampler=Capped(1).draw).load_state_dict(state)

@@ -65,9 +65,7 @@ class BlockStack:
     def spec(self) -> str:
         """The ``stack=`` string that gives this stack: the path, with the core's span unless it is all of it."""
         lay = self.layout
-        if lay.uniform:
-            return self.path
-        return f"{self.path}[{lay.core().start}:{lay.core().stop}]" + (f"/{lay.period}" if lay.period > 1 else "")
+        return self.path if lay.uniform else f"{self.path}[{lay.core().start}:{lay.core().stop}]"
 
     def describe(self) -> str:
         """One line: what grows and what stays fixed."""

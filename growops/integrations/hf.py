@@ -42,6 +42,12 @@ class ApolloCallback(TrainerCallback):
             raise GrowopsError("the Trainer was given the growops.apollo wrapper; give it the model: "
                                "Trainer(model=a.model, ..., callbacks=[ApolloCallback(a)]) (growops runs inside "
                                "a.model; the wrapper's state_dict holds a schedule the Trainer cannot save)")
+        inner = model
+        while inner is not None and inner is not self.apollo.model:  # through torch.compile or DDP wrappers
+            inner = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
+        if model is not None and inner is None:
+            raise GrowopsError(f"the Trainer trains a {type(model).__name__}, not a.model, the model this "
+                               "ApolloCallback's wrapper grows: give the Trainer a.model")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._check_model(model)
@@ -54,6 +60,11 @@ class ApolloCallback(TrainerCallback):
             self.apollo.restore_step(state.global_step)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        # One a.step() per optimizer step, even if the callback was added twice.
+        mark = (id(state), state.global_step)
+        if self.apollo.__dict__.get("_trainer_step") == mark:
+            return
+        self.apollo.__dict__["_trainer_step"] = mark
         # Accelerate wraps the optimizer; its state lives on the inner one.
         self.apollo.step(getattr(optimizer, "optimizer", optimizer))
 
