@@ -25,10 +25,10 @@ from .growth import copy_units
 from .install import install, uninstall
 from .maps import check_growth, depth_map, growth_sources, preserves_function
 from .ops.routing import route_shared_linears
-from .optim_state import apply_states, check_optimizer, check_policy, new_states, unheld
+from .optim_state import apply_states, check_policy, new_states, unwrap_optimizers
 from .plan import Plan, check_plan, make_plan
 from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
-from .stack import CACHE_INDICES, StackRuntime
+from .stack import in_backward
 from .state import (
     EXTRA,
     STATE_VERSION,
@@ -36,8 +36,10 @@ from .state import (
     check_position,
     check_tensors,
     load_options,
+    loading,
     sampler_identity,
 )
+from .structure import join as join_path
 
 RESAMPLE: tuple[str, ...] = ("step", "micro_batch")
 
@@ -132,6 +134,7 @@ class Apollo(nn.Module):
         depth = _draw(self._sampler, self._sampler_name, self._schedule.stages[0], plan.layers, seed, 0)
         _warn_non_multiples(self._schedule.stages, growth)
 
+        _warn_block_hooks(model, plan)
         self._plan = plan
         self.model = model
         self._runtimes, self._graph = install(model, plan, self._growth)  # self._graph: a GraphRunner in graph mode
@@ -145,6 +148,7 @@ class Apollo(nn.Module):
         self._configure(self._schedule.stages[0], depth)
         self._micro_batch = 0  # training forwards since the last step(), for resample="micro_batch"
         self._warned = set()
+        self._optimizer_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> [steps]
         self.register_load_state_dict_post_hook(_after_load)
         for runtime in self._runtimes:
             runtime.owned = True
@@ -153,10 +157,15 @@ class Apollo(nn.Module):
 
     def _own_runtimes(self) -> None:
         for runtime in self._runtimes:
-            runtime.owner = weakref.ref(self)
+            if runtime.owner is None or runtime.owner() is None:  # a shallow copy shares the original's runtimes
+                runtime.owner = weakref.ref(self)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_optimizer_steps": None}  # optimizers are not part of the model
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._optimizer_steps = weakref.WeakKeyDictionary()
         self._own_runtimes()  # a copy's (deepcopy, pickle) runtimes belong to the copy
 
     # ---------------------------------------------------------------- public state
@@ -195,16 +204,20 @@ class Apollo(nn.Module):
 
     # ---------------------------------------------------------------- running
     def _run(self, *args, **kwargs):
-        # Under torch.compile this check is folded away, so it adds no guard on Python state.
-        if not torch.compiler.is_compiling() and self.training:
-            self._check_checkpointing()
         if self._resample == "micro_batch" and self.training:
             self._next_micro_batch()
+            try:
+                return (self._graph if self._graph is not None else self.model)(*args, **kwargs)
+            finally:
+                self._close_micro_batch()
         return (self._graph if self._graph is not None else self.model)(*args, **kwargs)
 
     @torch.compiler.disable
     def _next_micro_batch(self) -> None:
-        """resample="micro_batch": the k-th training forward of a step runs a depth drawn from (seed, step, k)."""
+        """resample="micro_batch": the k-th training forward of a step runs a depth drawn from (seed, step, k). A
+        recomputation in the backward (checkpointing the whole model) runs the forward's depth again."""
+        if in_backward():
+            return
         if self._micro_batch:
             self._configure(self.unique_layers, _draw(self._sampler, self._sampler_name, self.unique_layers,
                                                       self.layers, self._seed, self.step_count, self._micro_batch))
@@ -212,37 +225,32 @@ class Apollo(nn.Module):
         for runtime in self._runtimes:
             runtime.wrapper_forwards = 1
 
-    def _check_checkpointing(self) -> None:
-        """Warn once if activation checkpointing is on and would recompute shared blocks with other per-layer values
-        than they ran with (only ``layer_idx``, used by KV caches, is harmless in training)."""
-        if "checkpointing" in self._warned or not _checkpointing(self.model, self._runtimes):
-            return
-        self._warned.add("checkpointing")
-        others = sorted(k for s in self._plan.stacks for k in s.per_layer_values
-                        if k.rsplit(".", 1)[-1] not in CACHE_INDICES)
-        if others:
-            warnings.warn(f"growops: activation checkpointing recomputes shared blocks in the backward with each "
-                          f"block's own per-layer values ({', '.join(others)}), not those of the position that ran "
-                          "them, so their gradients are approximate; turn checkpointing off while blocks are shared",
-                          stacklevel=3)
+    @torch.compiler.disable
+    def _close_micro_batch(self) -> None:
+        for runtime in self._runtimes:
+            runtime.wrapper_forwards = 0
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Count one optimizer step; grow at a stage boundary (applying the optimizer-state policy to
-        `optimizer`); then draw the next step's depth from ``(seed, step)``. Everything is checked first: after an
-        error the step count, weights and optimizer state are as before."""
-        check_optimizer(optimizer)
+    def step(self, *optimizers: torch.optim.Optimizer | None) -> None:
+        """Count one optimizer step; grow at a stage boundary (applying the optimizer-state policy to the
+        `optimizers` that train the model: one, or several such as Muon and AdamW side by side); then draw the next
+        step's depth from ``(seed, step)``. Everything is checked first: after an error the step count, weights and
+        optimizer state are as before."""
+        optimizers = unwrap_optimizers(optimizers)
         step = self.step_count + 1
         target = self._schedule.stage_at(step)
         depth = self._sample(self._schedule.stages[target], step)
         for runtime in self._runtimes:
             runtime.sync()
-        while self.stage < target:
-            self._grow(optimizer)
+        notes = self._check_step_rate(optimizers)
+        if self.stage < target:
+            notes += self._grow(optimizers)
         self.step_count = step
         self._configure(self.unique_layers, depth)
         self._micro_batch = 0
         for runtime in self._runtimes:
             runtime.cast_cache.clear()  # free the routed layers' bf16 copies between steps
+        for note in notes:  # only now that the state is whole: warnings raised as errors change nothing half-way
+            warnings.warn(note, stacklevel=2)
 
     def restore_step(self, step: int) -> None:
         """Put the schedule at optimizer step `step` (stage, unique blocks, depth) without touching weights or
@@ -255,48 +263,56 @@ class Apollo(nn.Module):
         self._configure(self._schedule.stages[stage], depth)
         self._micro_batch = 0
 
-    def _grow(self, optimizer: torch.optim.Optimizer | None) -> None:
+    def _grow(self, optimizers: list[torch.optim.Optimizer]) -> list[str]:
+        """Grow to the next stage (step() checked everything before); returns the warnings to give."""
         n_old, n_new = self.unique_layers, self._schedule.stages[self.stage + 1]
         sources = growth_sources(n_old, n_new, self._growth)
-        states = {}
-        if optimizer is not None:  # everything that can fail first: the optimizer side, then the weights
-            self._check_holds(optimizer)
-            for runtime in self._runtimes:
-                states |= new_states(optimizer, runtime.units(), sources, self._policy)
+        held = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+        if optimizers and not any(id(p) in held for r in self._runtimes for b in r.blocks for p in b.parameters()):
+            raise GrowopsError(f"a.step got optimizers that hold none of {', '.join(self._plan.paths)}'s parameters: "
+                               "pass the optimizer(s) that train this model (built over a.parameters())")
+        states = []  # everything that can fail first: the optimizer side, then the weights
+        for opt in optimizers:
+            states.append({k: v for r in self._runtimes for k, v in
+                           new_states(opt, r.units(), sources, self._policy).items()})
         for runtime in self._runtimes:
             copy_units(runtime.units(), sources, runtime.per_layer)
-        if optimizer is not None:
-            apply_states(optimizer, states)
-            self._warn_unheld(optimizer, n_new)
-        elif self._policy != "keep" and "optimizer" not in self._warned:
-            self._warned.add("optimizer")
-            warnings.warn(f"growops: the model grew without an optimizer, so optimizer_state={self._policy!r} was "
-                          "not applied; call a.step(optimizer) so grown blocks get the right optimizer state",
-                          stacklevel=3)
+        for opt, new in zip(optimizers, states):
+            apply_states(opt, new)
         self._configure(n_new, self.depth)
         self.stage += 1
+        notes = []
+        if optimizers and "unheld" not in self._warned:
+            named = [(f"{r.path}.{r.names[i]}.{n}", p) for r in self._runtimes for u in range(n_new)
+                     for i in r.layout.unit(u) for n, p in r.blocks[i].named_parameters()]
+            missing = [name for name, p in named if p.requires_grad and id(p) not in held]
+            if missing:
+                self._warned.add("unheld")
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                notes.append(f"growops: the optimizer does not hold {', '.join(missing[:5])}{more}: these blocks are "
+                             "live now but will never train, and optimizer_state was not applied to them. Build the "
+                             "optimizer over a.parameters() (every block, live or not), or pass every optimizer to "
+                             "a.step(opt1, opt2)")
+        elif not optimizers and self._policy != "keep" and "optimizer" not in self._warned:
+            self._warned.add("optimizer")
+            notes.append(f"growops: the model grew without an optimizer, so optimizer_state={self._policy!r} was not "
+                         "applied; call a.step(optimizer) so grown blocks get the right optimizer state")
+        return notes
 
-    def _check_holds(self, optimizer: torch.optim.Optimizer) -> None:
-        """Refuse an optimizer that holds none of the stacks' parameters: it is not the one that trains the model,
-        and the one that does would never get the optimizer-state policy."""
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not any(id(p) in held for r in self._runtimes for b in r.blocks for p in b.parameters()):
-            raise GrowopsError(f"a.step got an optimizer that holds none of {', '.join(self._plan.paths)}'s "
-                               "parameters: pass the optimizer that trains this model (built over a.parameters())")
-
-    def _warn_unheld(self, optimizer: torch.optim.Optimizer, live: int) -> None:
-        """Warn once if the optimizer lacks parameters of live units: they would never train."""
-        if "unheld" in self._warned:
-            return
-        named = [(f"{r.path}.{r.names[i]}.{n}", p) for r in self._runtimes for u in range(live)
-                 for i in r.layout.unit(u) for n, p in r.blocks[i].named_parameters()]
-        missing = unheld(optimizer, named)
-        if missing:
-            self._warned.add("unheld")
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            warnings.warn(f"growops: the optimizer does not hold {', '.join(missing[:5])}{more}: these blocks are live "
-                          "now but will never train. Build the optimizer over a.parameters() (every block, live "
-                          "or not)", stacklevel=4)
+    def _check_step_rate(self, optimizers: list[torch.optim.Optimizer]) -> list[str]:
+        """A warning if a.step() came twice without an optimizer step between (once per micro-batch, say)."""
+        notes = []
+        for opt in optimizers:
+            count = self._optimizer_steps.get(opt)
+            if count is None:  # first seen: count its steps from now on
+                count = self._optimizer_steps[opt] = _StepCount()
+                opt.register_step_post_hook(count)
+            elif count.steps == 0 and "rate" not in self._warned:
+                self._warned.add("rate")
+                notes.append("growops: a.step(optimizer) was called twice without optimizer.step() between: call it "
+                             "once per optimizer step, after all micro-batches, or the schedule runs too fast")
+            count.steps = 0
+        return notes
 
     def _sample(self, unique: int, step: int) -> int:
         return _draw(self._sampler, self._sampler_name, unique, self.layers, self._seed, step)
@@ -305,7 +321,13 @@ class Apollo(nn.Module):
     def export(self) -> nn.Module:
         """A copy of the model in its own class at full depth: L untied units, position i holding a copy of the
         unit it runs now, fixed blocks and every block's per-layer values as they are, original state_dict keys."""
-        out = uninstall(copy.deepcopy(self.model), self._plan)
+        try:
+            copied = copy.deepcopy(self.model)
+        except Exception as e:  # noqa: BLE001 - say what to do instead (a sharded model, say)
+            raise GrowopsError(f"export() deep-copies the model, which failed ({type(e).__name__}: {e}); a sharded "
+                               "model (FSDP2) must be gathered first: load its full state dict into an unsharded "
+                               "apollo of the same schedule and export that") from e
+        out = uninstall(copied, self._plan)
         full = depth_map(self.unique_layers, self.layers, self._growth)
         for s, runtime in zip(self._plan.stacks, self._runtimes):
             units = [[out.get_submodule(b) for b in s.unit(u)] for u in range(s.layers)]
@@ -318,10 +340,10 @@ class Apollo(nn.Module):
                 "unique": self.unique_layers, "depth": self.depth, **self._fingerprint()}
 
     def set_extra_state(self, state: dict) -> None:
-        self._check_state(state)
-        if self.__dict__.get("_loading"):  # a load_state_dict: applied once the weights are in (_after_load)
+        if loading():  # a load_state_dict (checked already): applied once the weights are in (_after_load)
             self.__dict__["_pending"] = state
         else:
+            self._check_state(state)
             self._apply_state(state)
 
     def _apply_state(self, state: dict) -> None:
@@ -337,9 +359,14 @@ class Apollo(nn.Module):
         # torch calls this on `a` before anything under it is loaded, whoever started the load (a.load_state_dict,
         # a DDP or compile wrapper's); it passes strict=True whatever the caller asked, so read the caller's.
         strict, assign = load_options()
-        if assign or local_metadata.get("assign_to_params_buffers"):
+        on_meta = any(t.is_meta for t in self.state_dict().values() if isinstance(t, torch.Tensor))
+        if (assign or local_metadata.get("assign_to_params_buffers")) and not on_meta:
             raise GrowopsError("load_state_dict(..., assign=True) would replace the model's parameters, which the "
-                               "optimizer and tied weights hold: load without assign=True")
+                               "optimizer and tied weights hold: load without assign=True (assign=True is for a model "
+                               "built on the meta device)")
+        if on_meta and not assign:
+            raise GrowopsError("the model's weights are on the meta device, where loading copies nothing: load with "
+                               "assign=True (then build the optimizer), or move the model to a device first")
         incoming = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if EXTRA in incoming:
             self._check_state(incoming[EXTRA])
@@ -347,7 +374,7 @@ class Apollo(nn.Module):
             raise GrowopsError(f"this state_dict has no growops schedule (key {prefix + EXTRA!r}): load a plain "
                                "model's weights with a.model.load_state_dict(...), or save with a.state_dict()")
         check_tensors(self.state_dict(), incoming, strict, prefix)
-        self.__dict__.update(_loading=True, _pending=None)
+        self.__dict__["_pending"] = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -365,9 +392,33 @@ class Apollo(nn.Module):
 def _after_load(a: Apollo, incompatible_keys) -> None:
     """Load post-hook: every weight under `a` is in; now the schedule moves."""
     pending = a.__dict__.pop("_pending", None)
-    a.__dict__["_loading"] = False
     if pending is not None:
         a._apply_state(pending)
+
+
+class _StepCount:
+    """An optimizer step post-hook that counts the optimizer's steps (picklable, unlike a closure)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+
+
+def _warn_block_hooks(model: nn.Module, plan: Plan) -> None:
+    """Hooks on growable blocks fire wherever a block runs: at every position that shares it, never while it is not
+    live. Say so once, naming one, when the model comes with such hooks."""
+    for s in plan.stacks:
+        for path in (p for u in range(s.layers) for p in s.unit(u)):
+            block = model.get_submodule(path)
+            hooked = [name for name, m in block.named_modules()
+                      if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+            if hooked:
+                warnings.warn(f"growops: {join_path(path, hooked[0])} has hooks of yours: they fire wherever its block "
+                              "runs while blocks are shared (at every position that shares it, never while it is not "
+                              "live yet), not at one layer's position", stacklevel=4)
+                return
 
 
 def _refuse_undecided(plan: Plan) -> None:
@@ -380,17 +431,6 @@ def _refuse_undecided(plan: Plan) -> None:
                 f"compare), so growops cannot tell whether position i must use block i's (a per-layer value) or any "
                 f"block's (part of the block). Declare it: p = growops.plan(model); "
                 f"p = p.declare(per_layer=[{path!r}]) (or constant=[...]); growops.apollo(model, ..., plan=p)")
-
-
-def _checkpointing(model: nn.Module, runtimes: list[StackRuntime]) -> bool:
-    """Whether activation checkpointing is on: a Hugging Face model's flag (renamed in transformers 5), or blocks
-    wrapped by torch's checkpoint wrapper."""
-    flag = getattr(type(model), "is_activation_checkpointing", None)
-    if flag is None:
-        flag = getattr(type(model), "is_gradient_checkpointing", None)
-    if isinstance(flag, property) and flag.__get__(model):
-        return True
-    return any(type(b).__name__ == "CheckpointWrapper" for r in runtimes for b in r.blocks)
 
 
 def _draw(sampler, name: str, unique: int, layers: int, seed: int, step: int, micro_batch: int = 0) -> int:

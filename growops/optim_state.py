@@ -26,23 +26,31 @@ def check_policy(policy: str) -> str:
     return check_choice("optimizer_state", policy, POLICIES)
 
 
-def check_optimizer(optimizer) -> None:
-    """Raise a GrowopsTypeError unless `optimizer` is None or looks like a torch optimizer (param_groups, state)."""
-    if optimizer is None:
-        return
-    groups = getattr(optimizer, "param_groups", None)
-    state = getattr(optimizer, "state", None)
-    if not (isinstance(groups, list) and all(isinstance(g, dict) and "params" in g for g in groups)
-            and isinstance(state, MutableMapping)):
-        hint = " (an LR scheduler: pass its .optimizer)" if hasattr(optimizer, "optimizer") else ""
-        raise GrowopsTypeError(f"a.step() takes the optimizer that trains the model, or nothing; got a "
-                               f"{type(optimizer).__name__}{hint}")
+def unwrap_optimizers(optimizers) -> list[torch.optim.Optimizer]:
+    """The optimizers `a.step(...)` was given, checked, and unwrapped where the state lives on an inner optimizer
+    (accelerate's ``.optimizer``, ZeroRedundancyOptimizer's ``.optim``); None entries dropped."""
+    out = []
+    for opt in optimizers:
+        if opt is None:
+            continue
+        inner = getattr(opt, "optim", None)
+        if _is_optimizer(inner):  # ZeroRedundancyOptimizer: its moments live on the inner optimizer
+            opt = inner
+        inner = getattr(opt, "optimizer", None)
+        if _is_optimizer(inner) and _is_optimizer(opt):  # accelerate's AcceleratedOptimizer
+            opt = inner
+        if not _is_optimizer(opt):
+            hint = " (an LR scheduler: pass its .optimizer)" if hasattr(opt, "optimizer") else ""
+            raise GrowopsTypeError(f"a.step() takes the optimizers that train the model, or nothing; got a "
+                                   f"{type(opt).__name__}{hint}")
+        out.append(opt)
+    return out
 
 
-def unheld(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, nn.Parameter]]) -> list[str]:
-    """Names of the trainable parameters in `named` that `optimizer` does not hold."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    return [name for name, p in named if p.requires_grad and id(p) not in held]
+def _is_optimizer(opt) -> bool:
+    groups = getattr(opt, "param_groups", None)
+    return isinstance(groups, list) and all(isinstance(g, dict) and "params" in g for g in groups) and \
+        isinstance(getattr(opt, "state", None), MutableMapping)
 
 
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, blocks: Sequence[nn.Module | Sequence[nn.Module]],

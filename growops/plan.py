@@ -119,8 +119,8 @@ def check_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> None
     if plan.mode not in MODES:
         raise GrowopsError(f"plan mode must be one of {MODES}, got {plan.mode!r}")
     _refuse_wrapped(model)
-    if len(set(plan.paths)) != len(plan.paths):
-        raise GrowopsError(f"the plan names a stack twice: {plan.paths}")
+    if not plan.stacks or len(set(plan.paths)) != len(plan.paths) or len({s.layers for s in plan.stacks}) > 1:
+        raise GrowopsError(f"the plan must name one or more distinct stacks of one L, got {plan.paths}")
     modules = dict(model.named_modules())
     for s in plan.stacks:
         if s.path not in modules:
@@ -144,6 +144,9 @@ def check_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> None
             if not found:
                 raise GrowopsError(f"the plan's value {path!r} is not in {s.path}'s blocks (a path inside a unit, as "
                                    "print(plan) shows them)")
+    for s in plan.stacks:
+        _check_blocks(model, s)
+    _check_ties(model, list(plan.stacks))
     if plan.mode == "container" and plan.probed != (id(model), "container"):  # not probed on this model
         leaves = {modules[b] for s in plan.stacks for b in s.blocks}
         if _probe_mode(model, plan.stacks, leaves, example_inputs) != "container":
@@ -255,8 +258,10 @@ def _choose(model: nn.Module, found: list[BlockStack], notes: list[str], wanted:
                            f"found but none is called as a chain in the traced forward ({why})")
     if len(found) > 1:
         listing = ", ".join(f"{s.path!r} ({s.layers} blocks)" for s in found)
+        together = f", or grow them together with stack={tuple(s.path for s in found)!r}" \
+            if len({s.layers for s in found}) == 1 else " (stacks grown together need the same number of blocks)"
         raise GrowopsError(f"{type(model).__name__} holds several block stacks: {listing}; choose one with "
-                           f"stack='...', or grow them together with stack={tuple(s.path for s in found)!r}")
+                           f"stack='...'{together}")
     return found
 
 
@@ -286,18 +291,21 @@ def _check_ties(model: nn.Module, stacks: list[BlockStack]) -> None:
         for u in range(s.layers):
             for r, path in enumerate(s.unit(u)):
                 where[path] = (k, u, r)
-    names: dict[int, list[str]] = {}
+    names: dict[tuple, list[str]] = {}  # one entry per piece of memory: one tensor, or tensors viewing the same memory
     for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(t), []).append(name)
+        key = ("id", id(t)) if t.device.type == "meta" or not t.numel() else \
+            (str(t.device), t.data_ptr(), tuple(t.shape), t.stride())
+        names.setdefault(key, []).append(name)
     for tied in (n for n in names.values() if len(n) > 1):
         places = [_place(name, where) for name in tied]
-        if all(p is None for p in places):
+        core = [p for p in places if p is not None]
+        if not core:
             continue  # a tie outside the growable units
-        units = {p[:2] for p in places if p is not None}
-        inside_one = None not in places and len(units) == 1
-        stack = stacks[next(p for p in places if p is not None)[0]]
-        same_everywhere = None not in places and len(units) == stack.layers and \
-            len({p[2:] for p in places}) * stack.layers == len(places)
+        units = {p[:2] for p in core}
+        inside_one = len(core) == len(places) and len(units) == 1
+        stack = stacks[core[0][0]]
+        # Held alike by every unit (a copy writes it onto itself), whoever else holds it.
+        same_everywhere = len(units) == stack.layers and len({p[2:] for p in core}) * stack.layers == len(core)
         if not (inside_one or same_everywhere):
             raise GrowopsError(f"{tied[0]} and {tied[1]} are one tensor, tied across blocks of {stack.path} or to a "
                                "module outside them: growth copies weights between blocks in place and would write "

@@ -72,7 +72,7 @@ def resolve_sampler(sampler: SamplerSpec) -> tuple[str, Sampler]:
     if callable(sampler):
         named = sampler.func if isinstance(sampler, functools.partial) else sampler
         named = named if hasattr(named, "__qualname__") else type(named)
-        return f"{getattr(named, '__module__', None) or '?'}.{named.__qualname__}", sampler
+        return f"{getattr(named, '__module__', None) or '?'}:{named.__qualname__}", sampler
     raise GrowopsTypeError(
         f"sampler must be a name or a callable (unique, L, rng) -> depth, got {type(sampler).__name__}")
 

@@ -37,10 +37,50 @@ from .structure import Layout, difference, module_signature
 from .values import is_state_buffer, read, state_names, write
 
 STACK_ATTR = "_growops_stack"  # set on a managed container (both modes): marks a model as already wrapped
-CACHE_INDICES = ("layer_idx", "layer_id")  # per-layer values that only index a KV cache (unused in training)
 
 
-def _in_backward() -> bool:
+def _fingerprint(value: Any) -> tuple:
+    """What tells whether a piece of block state changed: its identity, for a tensor its memory and version, for a
+    dict or list what it holds (shallowly)."""
+    if isinstance(value, torch.Tensor) and not value.is_inference():
+        return id(value), value.data_ptr(), value._version
+    if isinstance(value, dict):
+        return id(value), tuple((k, _fingerprint(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return id(value), tuple(_fingerprint(v) for v in value)
+    return (id(value),)
+
+
+class _Position(torch.autograd.Function):
+    """Identity on a block's output whose backward tells the runtime the position that output came from, just before
+    the backward reaches the block itself (where activation checkpointing recomputes it)."""
+
+    @staticmethod
+    def forward(ctx, tensor, runtime, block, position):
+        ctx.mark = (runtime, block, position)
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        runtime, block, position = ctx.mark
+        runtime._replay[block] = position
+        return grad, None, None, None
+
+
+def _mark(output: Any, runtime: StackRuntime, block: int, position: int) -> Any:
+    """`output` with every tensor that requires grad (itself, or the items of a tuple or list) passed through
+    ``_Position``; None when there is none (the hook then keeps the output)."""
+    def one(t):
+        return _Position.apply(t, runtime, block, position) if isinstance(t, torch.Tensor) and t.requires_grad else t
+
+    if isinstance(output, torch.Tensor):
+        return one(output) if output.requires_grad else None
+    if isinstance(output, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in output):
+        return type(output)(one(t) for t in output) if type(output) in (tuple, list) else None
+    return None
+
+
+def in_backward() -> bool:
     """Whether the autograd engine is running a backward now (where activation checkpointing recomputes)."""
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and task() != -1
@@ -66,14 +106,14 @@ class StackRuntime:
         self._phase_paths = [[p for p in self.per_layer if state_names(p, self.layout.period)[0] == r]
                              for r in range(self.layout.period)]
         self.shared_state = tuple(shared_state)  # buffers declared constant: a forward may write them while shared
-        # Recomputing a shared block in the backward (activation checkpointing) gives it its own per-layer values, not
-        # those of its position: harmless for cache indices, wrong for anything the computation reads.
-        self.recompute_sensitive = any(p.rsplit(".", 1)[-1] not in CACHE_INDICES for p in self.per_layer)
         self.cast_cache: dict = {}  # per-forward casts of routed weights (growops.ops.routing), emptied per forward
         self.active = 0  # forwards of the container or a module above it now running (their hooks count)
         self.route_replacements = False  # route the linears of blocks replaced after wrapping (shared_linear)
         self._own: list[dict[str, Any]] | None = None  # each unit's own per-layer values while a forward runs
-        self._versions: dict = {}  # version counters of shared units' buffers while a forward runs
+        self._state: dict = {}  # what the state kept in shared units looked like when the session began
+        self._handed: set[int] = set()  # ids of the blocks handed out for a position in this session
+        self._position_of: dict[int, int] = {}  # block id -> the position it was last handed out for
+        self._replay: dict[int, int] = {}  # block id -> the position the backward is about to recompute it for
         self.owned = False  # set by the Apollo wrapper that owns this runtime (owner: a weak reference to it)
         self.owner = None
         self.wrapper_forwards = None  # resample="micro_batch": training forwards a(...) announced, not yet begun
@@ -122,13 +162,15 @@ class StackRuntime:
         first, position = entry
         if position is None:
             return self.blocks[first]
+        self.begin()
         unit = self.unit(self.mapping()[position])
-        if self._own is not None:
-            for path in self._phase_paths[first]:
-                write(unit, path, self._own[position][path])
+        for path in self._phase_paths[first]:
+            write(unit, path, self._own[position][path])
+        self._handed.add(id(unit[first]))
+        self._position_of[id(unit[first])] = position
         return unit[first]
 
-    # ---------------------------------------------------------------- a forward's lifetime
+    # ---------------------------------------------------------------- a session: one forward, or one recomputed call
     @torch.compiler.disable
     def core_entries(self) -> list[tuple[int, int | None]]:
         """The entries of the growable positions only (a gate runs those; the graph calls the fixed blocks)."""
@@ -138,105 +180,36 @@ class StackRuntime:
 
     @torch.compiler.disable
     def begin(self) -> None:
-        """A forward starts using the stack: adopt replaced children, empty the cast cache, and note each unit's own
-        per-layer values (read now, so ``model.to()`` and loaded weights are seen)."""
+        """A session starts using the stack (a forward, or a recomputation in the backward): adopt replaced children,
+        empty the cast cache, note each unit's own per-layer values (read now, so ``model.to()`` and loaded weights
+        are seen) and the state of the units that will run at several positions."""
         if self._own is not None:
             return
         self._check_owner()
         self.sync()
         self.cast_cache.clear()
         self._own = [{p: read(unit, p) for p in self.per_layer} for unit in self.units()]
-        self._versions = self._state_versions()
+        self._state = self._state_snapshot()
+        self._handed = set()
 
     @torch.compiler.disable
     def end(self) -> None:
-        """The forward is over: every unit gets its own per-layer values back. Then, if the forward wrote into a
-        buffer of a unit that ran at several positions, raise: that state was shared by the positions."""
+        """The session is over: every unit gets its own per-layer values back. Then, if the forward changed state
+        kept in a unit that ran at several positions, raise: that state was shared by the positions."""
         own, self._own = self._own, None
-        versions, self._versions = self._versions, {}
+        state, self._state, self._handed = self._state, {}, set()
         if own and self.per_layer:
             for unit, values in zip(self.units(), own):
                 for path, value in values.items():
                     write(unit, path, value)
-        for (u, path), (buffer, version) in versions.items():
-            if buffer._version != version:
+        for (u, path), before in state.items():
+            if _fingerprint(read(self.unit(u), path)) != before:
                 raise GrowopsError(
-                    f"the forward wrote into {path} of {self.path}'s unit {u} while that unit ran at several "
-                    "positions: state kept inside a block (a KV cache, a counter) is then shared by those positions. "
-                    "Declare it "
-                    f"per layer (each position keeps its own): p = growops.plan(model); "
+                    f"the forward changed {path} in {self.path}'s unit {u} while that unit ran at several positions: "
+                    "state kept inside a block (a KV cache, a counter, a lazily built table) is then shared by those "
+                    f"positions. Declare it per layer (each position keeps its own): p = growops.plan(model); "
                     f"p = p.declare(per_layer=[{path!r}]); growops.apollo(model, ..., plan=p), or constant=[...] if "
                     "sharing it is right")
-
-    def _check_owner(self) -> None:
-        """Raise if this runtime lost its wrapper (a copy of the wrapped model, made by copy.deepcopy(a.model)), or if a
-        training forward bypasses the wrapper that draws each forward's depth (resample="micro_batch")."""
-        if self.owned and (self.owner is None or self.owner() is None):
-            raise GrowopsError(f"this model is a copy of a model growops manages ({self.path} was copied with "
-                               "copy.deepcopy(a.model), say): its blocks follow the schedule as it stood when copied, "
-                               "not the wrapper's. For an EMA or a teacher copy a.export(); to copy the wrapper, "
-                               "copy.deepcopy(a)")
-        if self.wrapper_forwards is not None and self.training:
-            if self.wrapper_forwards == 0:
-                raise GrowopsError("resample='micro_batch' draws each training forward's depth in a(...): call a(...), "
-                                   "not a.model(...) (or build apollo with resample='step')")
-            self.wrapper_forwards -= 1
-
-    def _state_versions(self) -> dict:
-        """The version counters of the buffers of units that run at several positions in this forward (not per-layer
-        values, not declared shared state, not normalization statistics)."""
-        counts = Counter(self.mapping())
-        out = {}
-        for u in (u for u, c in counts.items() if c > 1):
-            for r, block in enumerate(self.unit(u)):
-                for name, buffer in block.named_buffers():
-                    path = name if self.layout.period == 1 else f"{r}.{name}"
-                    if path in self.per_layer or path in self.shared_state or is_state_buffer(block, name) or \
-                            buffer.is_inference():
-                        continue
-                    out[(u, path)] = (buffer, buffer._version)
-        return out
-
-    def guard(self, module: nn.Module, args) -> None:
-        """Forward pre-hook on every growable block (and, when per-layer values matter to the computation, on its
-        submodules): a block may run outside the model's forward only if that is right. Raises when a block not live
-        yet runs (a method iterating the container directly runs the physical, stale blocks) and when a shared block
-        is recomputed in the backward (activation checkpointing) with per-layer values that matter."""
-        if torch.compiler.is_compiling() or self.active:
-            return
-        if self._unit_of is None:
-            self._unit_of = self._index_units()
-        found = self._unit_of.get(id(module))
-        if found is None:
-            return
-        unit, root = found
-        where = f"{self.path}.{self.names[self.blocks.index(root)]}"
-        if _in_backward():
-            if self.recompute_sensitive and self.unique < self.layers:
-                others = ", ".join(p for p in self.per_layer if p.rsplit(".", 1)[-1] not in CACHE_INDICES)
-                raise GrowopsError(
-                    f"{where} is recomputed in the backward (activation checkpointing) while blocks are shared: the "
-                    f"recomputation would use the block's own per-layer values ({others}), not those of the position "
-                    "that ran it, and give wrong gradients. Turn activation checkpointing off while blocks are shared")
-            return
-        if module is root and unit >= self.unique:
-            raise GrowopsError(
-                f"{where} ran outside the model's forward, but it is not live yet ({self.path} holds {self.unique} "
-                "unique units in this stage): code that iterates the container outside a forward (a method other "
-                "than forward, or model.forward(...) called directly) runs the physical blocks, whose weights are "
-                "stale. Call the model (or a module that contains the container), or use a.export()")
-
-    def guard_blocks(self) -> None:
-        """Put ``guard`` on every growable block, and on its submodules when a recomputation could go wrong (once)."""
-        for u in range(self.layers):
-            for block in self.unit(u):
-                for module in block.modules() if self.recompute_sensitive else (block,):
-                    if not any(isinstance(h, _Guard) and h.runtime is self for h in module._forward_pre_hooks.values()):
-                        module.register_forward_pre_hook(_Guard(self))
-
-    def _index_units(self) -> dict[int, tuple[int, nn.Module]]:
-        """id of every module of every growable block -> (its unit, its block)."""
-        return {id(m): (u, block) for u in range(self.layers) for block in self.unit(u) for m in block.modules()}
 
     @torch.compiler.disable
     def enter(self, *_) -> None:
@@ -247,6 +220,139 @@ class StackRuntime:
         self.active = max(0, self.active - 1)
         if self.active == 0:
             self.end()
+
+    def _check_owner(self) -> None:
+        """Raise if this runtime lost its wrapper (a copy of the wrapped model, made by copy.deepcopy(a.model)), or if a
+        training forward bypasses the wrapper that draws each forward's depth (resample="micro_batch")."""
+        if self.owned and (self.owner is None or self.owner() is None):
+            raise GrowopsError(f"this model is a copy of a model growops manages ({self.path} was copied with "
+                               "copy.deepcopy(a.model), say): its blocks follow the schedule as it stood when copied, "
+                               "not the wrapper's. For an EMA or a teacher copy a.export(); to copy the wrapper, "
+                               "copy.deepcopy(a)")
+        if self.wrapper_forwards is not None and self.training and not in_backward():
+            if self.wrapper_forwards == 0:
+                raise GrowopsError("resample='micro_batch' draws each training forward's depth in a(...): call a(...), "
+                                   "not a.model(...) (or build apollo with resample='step')")
+            self.wrapper_forwards -= 1
+
+    def _state_snapshot(self) -> dict:
+        """What the state kept in the units that run at several positions in this session looks like now: buffers
+        and tensor (or None) attributes of their modules, not per-layer values, declared shared state or
+        normalization statistics."""
+        counts = Counter(self.mapping())
+        out = {}
+        for u in (u for u, c in counts.items() if c > 1):
+            for r, block in enumerate(self.unit(u)):
+                for sub_path, sub in block.named_modules():
+                    for attr, value in [*sub._buffers.items(), *sub.__dict__.items()]:
+                        if not (isinstance(value, (torch.Tensor, dict, list)) or value is None) or \
+                                (attr in sub.__dict__ and attr.startswith("_")):
+                            continue
+                        name = f"{sub_path}.{attr}" if sub_path else attr
+                        path = name if self.layout.period == 1 else f"{r}.{name}"
+                        if path in self.per_layer or path in self.shared_state or is_state_buffer(block, name):
+                            continue
+                        out[(u, path)] = _fingerprint(value)
+        return out
+
+    # ---------------------------------------------------------------- blocks called where they should not be
+    def guard(self, module: nn.Module, args) -> None:
+        """Forward pre-hook on every growable block (and, when it holds per-layer values, on its submodules).
+
+        A block runs rightly when the runtime handed it out for a position in this session (the container or the
+        gate did), or when the backward recomputes it (activation checkpointing) after its output told the backward
+        which position it ran at (``release``): then it gets that position's per-layer values again. Otherwise it
+        raises: inside a forward (the forward reached the block another way, e.g. ``children()`` or a stored list,
+        and would run a physical block), outside one while its position runs another unit (a method iterating the
+        container directly), and in the backward when a stale block runs or a shared block is recomputed with
+        per-layer values growops cannot restore."""
+        if self._unit_of is None:
+            self._unit_of = self._index_units()
+        found = self._unit_of.get(id(module))
+        if found is None:
+            return
+        unit, root = found
+        where = f"{self.path}.{self.names[self.blocks.index(root)]}"
+        if self.active:
+            if module is root and id(root) not in self._handed:
+                raise GrowopsError(
+                    f"{where} ran inside the model's forward, but {self.path} did not hand it out for a position: the "
+                    f"forward reaches blocks another way too (children(), a stored list, a path only taken in "
+                    "training), which runs a physical block where growops runs another. Reach the blocks only by "
+                    f"iterating or indexing {self.path}")
+            return
+        if in_backward():
+            position = self._replay.pop(id(root), None)
+            if position is not None:  # recomputed: give it the values of the position it ran at
+                self._begin_recompute()
+                phase = (self.blocks.index(root) - self.layout.prefix) % self.layout.period
+                for path in self._phase_paths[phase]:
+                    write(self.unit(unit), path, self._own[position][path])
+                self._handed.add(id(root))
+                return
+            if id(root) in self._handed:
+                return
+            if unit >= self.unique:
+                raise GrowopsError(f"{where} runs in the backward, but it is not live yet: a recomputation "
+                                   "(activation checkpointing) reached the physical blocks")
+            # Recomputed without a position (a reentrant checkpoint hides the block's output from the backward).
+            if self.per_layer and self.unique < self.layers:
+                others = ", ".join(self.per_layer)
+                raise GrowopsError(
+                    f"{where} is recomputed in the backward (activation checkpointing) while blocks are shared, and "
+                    f"growops cannot tell which position it ran at, so the recomputation would use the block's own "
+                    f"per-layer values ({others}), not its position's, and give wrong gradients. Checkpoint whole "
+                    "blocks with use_reentrant=False (Hugging Face's gradient checkpointing does), or turn "
+                    "checkpointing off while blocks are shared")
+            return
+        if id(root) in self._handed:  # positions() used directly, outside a forward
+            return
+        if module is root and depth_map(self.unique, self.layers, self.growth)[unit] != unit:
+            raise GrowopsError(
+                f"{where} ran outside the model's forward, where position {unit} runs unit "
+                f"{depth_map(self.unique, self.layers, self.growth)[unit]} of {self.path} (it holds {self.unique} "
+                "unique units in this stage): code that iterates the container outside a forward (a method other "
+                "than forward, or model.forward(...) called directly) runs the physical blocks. Call the model (or a "
+                "module that contains the container), or use a.export()")
+
+    def _begin_recompute(self) -> None:
+        """A session for recomputations in this backward; it ends when the backward does."""
+        if self._own is None:
+            self.begin()
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_recompute)
+
+    def _end_recompute(self) -> None:
+        if self._own is not None and not self.active:
+            self.end()
+
+    def release(self, module: nn.Module, args, output):
+        """Forward hook on every growable block. In a forward, a block handed out for a position marks its output so
+        that the backward, reaching it, tells a recomputation of the block which position that was (only needed when
+        there are per-layer values). A session begun outside a forward (a recomputation, or positions() used
+        directly) ends with the block's call."""
+        if not self.active:
+            if self._own is not None and not in_backward():  # positions() used directly: one call, one session
+                self.end()
+            return None
+        position = self._position_of.get(id(module))
+        if not self.per_layer or position is None or not torch.is_grad_enabled():
+            return None
+        return _mark(output, self, id(module), position)
+
+    def guard_blocks(self) -> None:
+        """Put ``guard`` on every growable block, and on its submodules when there are per-layer values (a
+        recomputation of a submodule could not restore them); and ``release`` on every growable block (once)."""
+        for u in range(self.layers):
+            for block in self.unit(u):
+                for module in block.modules() if self.per_layer else (block,):
+                    if not any(isinstance(h, _Guard) and h.runtime is self for h in module._forward_pre_hooks.values()):
+                        module.register_forward_pre_hook(_Guard(self, "block" if module is block else "sub"))
+                if not any(isinstance(h, _Guard) and h.runtime is self for h in block._forward_hooks.values()):
+                    block.register_forward_hook(_Guard(self, "after"), always_call=True)
+
+    def _index_units(self) -> dict[int, tuple[int, nn.Module]]:
+        """id of every module of every growable block -> (its unit, its block)."""
+        return {id(m): (u, block) for u in range(self.layers) for block in self.unit(u) for m in block.modules()}
 
     # ---------------------------------------------------------------- children replaced after wrapping
     def sync(self) -> None:
@@ -277,24 +383,39 @@ class StackRuntime:
 
     def __getstate__(self) -> dict:
         # Casts and forward state are not state; ids change in a copy.
-        return {**self.__dict__, "cast_cache": {}, "active": 0, "_own": None, "_versions": {}, "_unit_of": None,
-                "owner": None}
+        return {**self.__dict__, "cast_cache": {}, "active": 0, "_own": None, "_state": {}, "_handed": set(),
+                "_position_of": {}, "_replay": {}, "_unit_of": None, "owner": None}
 
 
 
 class _Guard:
-    """The forward pre-hook ``StackRuntime.guard`` puts on growable blocks. A deep copy of one block does not drag the
-    whole stack along: its copy keeps this hook, which does nothing for modules that are not the stack's own."""
+    """The hooks ``StackRuntime`` puts on growable blocks: ``guard`` before a block ("block") or one of its submodules
+    ("sub"), ``release`` after a block ("after"). A deep copy of one block does not drag the whole stack along: its
+    copy keeps this hook, which does nothing for modules that are not the stack's own."""
 
-    def __init__(self, runtime: StackRuntime):
-        self.runtime = runtime
+    def __init__(self, runtime: StackRuntime, kind: str = "block"):
+        self.runtime, self.kind = runtime, kind
 
-    def __call__(self, module: nn.Module, args) -> None:
+    def __call__(self, module: nn.Module, args, output=None):
+        if self.kind == "sub":
+            # Inside a compiled block a graph break per submodule would cost the block's graph: skip the check there.
+            if not torch.compiler.is_compiling():
+                self.runtime.guard(module, args)
+            return None
+        return self._block(module, args, output)
+
+    # At a block's boundary, run eagerly under torch.compile too (a graph break where regional compilation breaks
+    # anyway): the checks read and set Python state.
+    @torch.compiler.disable
+    def _block(self, module: nn.Module, args, output):
+        if self.kind == "after":
+            return self.runtime.release(module, args, output)
         self.runtime.guard(module, args)
+        return None
 
     def __deepcopy__(self, memo: dict) -> _Guard:
         copied = memo.get(id(self.runtime))
-        return self if copied is None else _Guard(copied)
+        return self if copied is None else _Guard(copied, self.kind)
 
 
 def scope_forwards(runtime: StackRuntime, modules: Sequence[nn.Module]) -> list[tuple[nn.Module, int]]:
@@ -348,7 +469,8 @@ class _SharedStack:
         return self.__dict__[STACK_ATTR]
 
     def _inside(self) -> bool:
-        return self.runtime.active > 0
+        # In the backward too: a recomputation (checkpoint_sequential over the container) runs the positions again.
+        return self.runtime.active > 0 or in_backward()
 
     def __iter__(self) -> Iterator[nn.Module]:
         if self._inside():

@@ -17,6 +17,7 @@ import types
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import GrowopsError
@@ -54,6 +55,12 @@ def check_fingerprint(state: Any, here: dict) -> None:
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise GrowopsError(f"unrecognised growops state {_short(state)}: expected a dict saved by a.state_dict()")
     diff = {k: (state.get(k), v) for k, v in here.items() if k != "sampler_code" and not _same(state.get(k), v)}
+    moved = diff.get("sampler", (None, None))
+    if isinstance(moved[0], str) and isinstance(moved[1], str) and ":" in moved[0] and \
+            moved[0].split(":", 1)[1] == moved[1].split(":", 1)[1]:  # the same function, imported another way
+        del diff["sampler"]
+        warnings.warn(f"growops: this state was saved with the sampler {moved[0]}, here it is {moved[1]}: the same "
+                      "name from another module; resuming with it", stacklevel=4)
     if diff:
         detail = "; ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in diff.items())
         raise GrowopsError(f"this state was saved under another schedule or model ({detail}); build apollo with "
@@ -83,6 +90,12 @@ def check_tensors(own: dict, incoming: dict, strict: bool, prefix: str = "") -> 
             kind = "a meta tensor" if value.is_meta else f"a {value.layout} tensor"
             raise GrowopsError(f"state_dict entry {prefix + key} is {kind}, which holds no values to load: save the "
                                "state from a model with real weights")
+        if value.is_quantized != mine.is_quantized or _subclass(value) != _subclass(mine):
+            raise GrowopsError(f"state_dict entry {prefix + key} is a {_subclass(value) or 'plain tensor'} "
+                               f"({'quantized' if value.is_quantized else 'not quantized'}), this model's is a "
+                               f"{_subclass(mine) or 'plain tensor'} ({'quantized' if mine.is_quantized else 'not'} "
+                               "quantized): a sharded (DTensor) state loads into the sharded model, a full one into "
+                               "an unsharded model")
         if value.shape != mine.shape:
             raise GrowopsError(f"state_dict entry {prefix + key} has shape {tuple(value.shape)}, this model's has "
                                f"{tuple(mine.shape)}; was it saved from another model?")
@@ -100,6 +113,23 @@ def load_options() -> tuple[bool, bool]:
     return True, False
 
 
+def loading() -> bool:
+    """Whether an ``nn.Module.load_state_dict`` call is running (its load post-hooks will run)."""
+    code = torch.nn.Module.load_state_dict.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _subclass(t: torch.Tensor) -> str:
+    """The tensor subclass of `t` ('' for a plain tensor or Parameter), e.g. 'DTensor'."""
+    cls = type(t.data) if isinstance(t, torch.nn.Parameter) else type(t)
+    return "" if cls is torch.Tensor else cls.__name__
+
+
 def _same(saved: Any, here: Any) -> bool:
     """Whether a saved fingerprint field equals ours (a hand-edited state may hold anything, arrays included)."""
     try:
@@ -109,57 +139,53 @@ def _same(saved: Any, here: Any) -> bool:
 
 
 def _digest(sampler: Any) -> str:
-    """A digest of what a callable computes: its code, constants, defaults and closure values; for a partial, also
-    its arguments; for a bound method or a callable object, also the object's attributes."""
-    h = hashlib.sha256()
-    _feed_callable(h, sampler, depth=0)
-    return h.hexdigest()[:16]
+    """A digest of what a callable computes: its code, constants, defaults, closure values, the plain globals it
+    reads; a partial's arguments; a bound method's or callable object's attributes; recursively, for callables among
+    them."""
+    return hashlib.sha256(_stable(sampler, 0).encode()).hexdigest()[:16]
 
 
-def _feed_callable(h, fn: Any, depth: int) -> None:
-    if depth > 3:
-        return
-    if isinstance(fn, functools.partial):
-        _feed_callable(h, fn.func, depth + 1)
-        h.update(_plain_repr((fn.args, fn.keywords)).encode())
-        return
-    if isinstance(fn, types.MethodType):
-        _feed_callable(h, fn.__func__, depth + 1)
-        h.update(_plain_repr(getattr(fn.__self__, "__dict__", {})).encode())
-        return
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        _feed_code(h, code)
-        h.update(_plain_repr((fn.__defaults__, getattr(fn, "__kwdefaults__", None))).encode())
-        for cell in getattr(fn, "__closure__", None) or ():
-            h.update(_plain_repr(cell.cell_contents).encode())
-        return
-    call = type(fn).__dict__.get("__call__")
-    h.update(f"{type(fn).__module__}.{type(fn).__qualname__}".encode())
-    if call is not None:
-        _feed_callable(h, call, depth + 1)
-    h.update(_plain_repr(getattr(fn, "__dict__", {})).encode())
-
-
-def _feed_code(h, code) -> None:
-    h.update(code.co_code)
-    h.update(repr(code.co_names).encode())
-    for const in code.co_consts:
-        if hasattr(const, "co_code"):
-            _feed_code(h, const)
-        else:
-            h.update(_plain_repr(const).encode())
-
-
-def _plain_repr(value: Any) -> str:
-    """repr for plain data; a type name for anything whose repr may hold a memory address."""
+def _stable(value: Any, depth: int) -> str:
+    """A text that stays the same for the same value across processes (no memory addresses, sorted sets and
+    dicts), and differs where the value would compute differently."""
+    if depth > 4:
+        return "..."
     if isinstance(value, (int, float, str, bool, bytes, type(None))):
         return repr(value)
     if isinstance(value, (tuple, list)):
-        return f"{type(value).__name__}({', '.join(map(_plain_repr, value))})"
+        return f"{type(value).__name__}({', '.join(_stable(v, depth + 1) for v in value)})"
+    if isinstance(value, (set, frozenset)):
+        return f"set({', '.join(sorted(_stable(v, depth + 1) for v in value))})"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_plain_repr(k)}: {_plain_repr(v)}" for k, v in value.items()) + "}"
-    return f"<{type(value).__qualname__}>"
+        items = sorted(f"{_stable(k, depth + 1)}: {_stable(v, depth + 1)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, np.ndarray):
+        return f"array({value.dtype}, {value.shape}, {hashlib.sha256(value.tobytes()).hexdigest()[:12]})"
+    if isinstance(value, torch.Tensor):
+        return f"tensor({value.dtype}, {tuple(value.shape)})"
+    if isinstance(value, functools.partial):
+        return f"partial({_stable(value.func, depth + 1)}, {_stable((value.args, value.keywords), depth + 1)})"
+    if isinstance(value, types.MethodType):
+        return f"method({_stable(value.__func__, depth + 1)}, {_stable(vars(value.__self__), depth + 1)})" \
+            if hasattr(value.__self__, "__dict__") else f"method({_stable(value.__func__, depth + 1)})"
+    if isinstance(value, types.FunctionType):
+        code = value.__code__
+        reads = {name: value.__globals__[name] for name in code.co_names if name in value.__globals__ and
+                 isinstance(value.__globals__[name], (int, float, str, bool, tuple))}
+        cells = tuple(c.cell_contents for c in value.__closure__ or ())
+        return (f"function({value.__qualname__}, {_code(code)}, {_stable(value.__defaults__, depth + 1)}, "
+                f"{_stable(cells, depth + 1)}, {_stable(reads, depth + 1)})")
+    if isinstance(value, (type, types.BuiltinFunctionType, types.ModuleType)):
+        return f"<{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', value.__name__)}>"
+    call = type(value).__dict__.get("__call__")
+    state = _stable(vars(value), depth + 1) if hasattr(value, "__dict__") else ""
+    return f"<{type(value).__module__}.{type(value).__qualname__} {_stable(call, depth + 1) if call else ''} {state}>"
+
+
+def _code(code) -> str:
+    consts = [_code(c) if hasattr(c, "co_code") else repr(c) if isinstance(c, (int, float, str, bool, bytes,
+              type(None), tuple)) else type(c).__name__ for c in code.co_consts]
+    return hashlib.sha256(code.co_code + repr((code.co_names, consts)).encode()).hexdigest()[:12]
 
 
 def _short(value: Any) -> str:

@@ -22,6 +22,7 @@ import enum
 import functools
 import math
 import types
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, hook dicts, training, ...
+# _parameters, _buffers, _modules, hook dicts, training, ...; and what Module.compile() sets
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
 _STATE_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # trained state of normalization layers
 _UNDECIDED = object()
 MISSING = object()  # read() of an attribute a block does not have
@@ -44,6 +46,7 @@ def classify(units: Sequence[Sequence[nn.Module]]) -> tuple[dict[str, tuple], di
     """``(per_layer, undecided)``: unit path -> the value in each unit, for values that differ between `units`
     (each a sequence of `period` blocks) and for values that cannot be compared."""
     per_layer, undecided = {}, {}
+    stack = nn.ModuleList([block for unit in units for block in unit])  # to find references to any block
     for phase, prefix in enumerate(unit_paths(len(units[0]))):
         blocks = [unit[phase] for unit in units]
         named = [dict(block.named_modules()) for block in blocks]
@@ -54,9 +57,9 @@ def classify(units: Sequence[Sequence[nn.Module]]) -> tuple[dict[str, tuple], di
                 values = tuple(_get(s, attr, kind) for s in subs)
                 verdict = _all_equal(values, blocks, top=0 if kind == "attr" else -1)
                 if verdict is not _UNDECIDED and not verdict and kind == "attr" and any(
-                        _refers_to(v, block) for v, block in zip(values, blocks)):
-                    verdict = _UNDECIDED  # differs, yet reaches into its own block: given to another block it would
-                    # run the first block's weights
+                        _refers_to(v, stack) for v in values):
+                    verdict = _UNDECIDED  # differs, yet reaches into the stack's blocks: given to another position
+                    # it would run the weights of the block it reaches
                 if verdict is _UNDECIDED:
                     undecided[path] = values
                 elif not verdict:
@@ -179,6 +182,8 @@ def _equal(a: Any, b: Any, block_a: nn.Module, block_b: nn.Module, depth: int):
         return a == b
     if isinstance(a, types.MethodType):
         return a.__func__ is b.__func__ and _equal(a.__self__, b.__self__, block_a, block_b, depth + 1)
+    if isinstance(a, weakref.ref):
+        return _equal(a(), b(), block_a, block_b, depth + 1)
     if isinstance(a, functools.partial):
         return _combine((_equal(a.func, b.func, block_a, block_b, depth + 1),
                          _equal(a.args, b.args, block_a, block_b, depth + 1),
@@ -244,6 +249,8 @@ def _refers_to(value: Any, block: nn.Module, depth: int = 0) -> bool:
         return any(_refers_to(v, block, depth + 1) for v in value.values())
     if isinstance(value, types.MethodType):
         return _refers_to(value.__self__, block, depth + 1)
+    if isinstance(value, weakref.ref):
+        return _refers_to(value(), block, depth + 1)
     if isinstance(value, types.FunctionType):
         return any(_refers_to(c.cell_contents, block, depth + 1) for c in value.__closure__ or ())
     if isinstance(value, functools.partial):

@@ -497,9 +497,36 @@ def test_an_optimizer_without_the_grown_blocks_warns_once_and_names_them():
     with pytest.warns(UserWarning, match=r"optimizer does not hold blocks.1.ln_1.weight, .* and \d+ more: these "
                                          r"blocks are live now but will never train"):
         a.step(opt)
+    opt.step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         a.step(opt)
+    with pytest.warns(UserWarning, match="called twice without optimizer.step\\(\\) between"):
+        a.step(opt)  # once per micro-batch, say
+
+
+def test_several_optimizers_and_wrapped_ones_get_the_policy():
+    """Muon + AdamW side by side: a.step(opt1, opt2) applies the policy to both; ZeroRedundancyOptimizer-like
+    wrappers are unwrapped to the optimizer that holds the moments."""
+    model = tiny_gpt(4)
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), optimizer_state="reset", sampler="full")
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    others = [p for p in model.parameters() if p.dim() != 2]
+    opt1, opt2 = torch.optim.SGD(matrices, lr=1e-2, momentum=0.9), torch.optim.AdamW(others, lr=1e-2)
+
+    class Wrapped:  # holds its moments on .optim, as torch's ZeroRedundancyOptimizer does
+        def __init__(self, inner):
+            self.optim, self.param_groups, self.state = inner, inner.param_groups, {}
+
+    _gpt_loss(a, gpt_batch()).backward()
+    opt1.step()
+    opt2.step()
+    grown = list(model.blocks[1].parameters())  # live in stage 0, overwritten by block 0 at the growth
+    assert all(p in opt1.state or p in opt2.state for p in grown)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both optimizers together hold every block: no warning
+        a.step(opt1, Wrapped(opt2))
+    assert not any(p in opt1.state or p in opt2.state for p in grown)  # reset in both
 
 
 def test_one_block_in_eval_mode_does_not_switch_the_stack_to_full_depth():
@@ -566,7 +593,7 @@ def test_step_checks_everything_before_changing_anything():
     scheduler = torch.optim.lr_scheduler.StepLR(opt, 1)
     weights = copy.deepcopy(model.state_dict())
     moments = copy.deepcopy(opt.state_dict())
-    with pytest.raises(GrowopsTypeError, match="takes the optimizer .* got a StepLR \\(an LR scheduler: pass its "
+    with pytest.raises(GrowopsTypeError, match="takes the optimizers .* got a StepLR \\(an LR scheduler: pass its "
                                                "\\.optimizer\\)"):
         a.step(scheduler)
     with pytest.raises(GrowopsError, match="returned depth 0 at step 1"):
@@ -620,7 +647,7 @@ def test_misuse_found_by_trying_the_api():
     with pytest.raises(GrowopsError, match="already managed by a growops.apollo wrapper"):
         growops.apollo(model, stages=(2, 4), stage_steps=(1,), plan=plan)  # plan= checks it too
     other = torch.optim.AdamW(tiny_gpt(4).parameters())
-    with pytest.raises(GrowopsError, match="holds none of blocks's parameters"):
+    with pytest.raises(GrowopsError, match="hold none of blocks's parameters"):
         a.step(other)
     assert a.step_count == 0 and a.unique_layers == 2
 

@@ -382,8 +382,8 @@ class _Cached(_Stack):
 def test_state_written_into_a_shared_block_is_refused_until_declared():
     x = torch.randn(2, 3, 4)
     a = growops.apollo(_Cached(), stages=(1, 4), stage_steps=(5,), example_inputs=(x,)).eval()
-    with pytest.raises(GrowopsError, match="wrote into cache of layers's unit 0 while that unit ran at several "
-                                           "positions.*declare\\(per_layer=\\['cache'\\]\\)"):
+    with pytest.raises(GrowopsError, match="the forward changed cache in layers's unit 0 while that unit ran at "
+                                           "several positions.*declare\\(per_layer=\\['cache'\\]\\)"):
         a(x)
     model = _Cached()
     plan = growops.plan(model, example_inputs=(x,)).declare(per_layer=["cache"])
@@ -394,25 +394,61 @@ def test_state_written_into_a_shared_block_is_refused_until_declared():
         torch.testing.assert_close(a(step, start), exported(step, start))
 
 
-def test_recomputation_with_per_layer_values_is_refused_and_cache_indices_are_fine():
-    from torch.utils.checkpoint import checkpoint
+def _shared_grads(model_cls, checkpointed: bool, reentrant: bool = False) -> dict:
+    torch.manual_seed(0)
+    model = model_cls()
+    model.checkpointed, model.reentrant = checkpointed, reentrant
+    a = growops.apollo(model, stages=(1, 4), stage_steps=(5,), sampler="full")
+    a(torch.ones(2, 4, requires_grad=True)).square().sum().backward()  # reentrant checkpoints need an input grad
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
-    class Checkpointed(_Lin):
-        def forward(self, x):
-            return checkpoint(super().forward, x, use_reentrant=False)
 
-    a = growops.apollo(_Stack(block=Checkpointed), stages=(1, 4), stage_steps=(5,), sampler="full")
-    loss = a(torch.randn(2, 4)).square().sum()
-    with pytest.raises(GrowopsError, match="recomputed in the backward .* per-layer values \\(scale\\)"):
-        loss.backward()
+class _CheckpointedLoop(_Stack):
+    """nanoGPT's activation checkpointing: each block checkpointed from the parent's loop."""
 
-    class IndexOnly(Checkpointed):
-        def __init__(self, i: int = 0):
-            super().__init__(0)
-            self.layer_idx = i  # a cache index only: recomputing with the block's own is harmless in training
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
 
-    a = growops.apollo(_Stack(block=IndexOnly), stages=(1, 4), stage_steps=(5,), sampler="full")
-    a(torch.randn(2, 4)).square().sum().backward()
+        for layer in self.layers:
+            x = checkpoint(layer, x, use_reentrant=self.reentrant) if self.checkpointed else layer(x)
+        return x
+
+
+def test_whole_blocks_recomputed_get_their_positions_values_back():
+    """A shared block recomputed in the backward runs with the per-layer values of the position it ran at (its
+    output told the backward), so checkpointing changes no gradient."""
+    plain, checkpointed = _shared_grads(_CheckpointedLoop, False), _shared_grads(_CheckpointedLoop, True)
+    assert plain.keys() == checkpointed.keys() == {"layers.0.fc.weight", "layers.0.fc.bias"}
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name])
+    with pytest.raises(GrowopsError, match="cannot tell which position it ran at.*per-layer values \\(scale\\)"):
+        _shared_grads(_CheckpointedLoop, True, reentrant=True)  # a reentrant checkpoint hides the block's output
+
+
+class _CheckpointedInside(_Stack):
+    """Checkpointing inside each block, around its computation."""
+
+    def __init__(self):
+        super().__init__(block=_InsideBlock)
+
+    def forward(self, x):
+        for layer in self.layers:
+            layer.checkpointed = self.checkpointed
+            x = layer(x)
+        return x
+
+
+class _InsideBlock(_Lin):
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(super().forward, x, use_reentrant=False) if self.checkpointed else super().forward(x)
+
+
+def test_part_of_a_block_recomputed_gets_its_positions_values_back():
+    plain, checkpointed = _shared_grads(_CheckpointedInside, False), _shared_grads(_CheckpointedInside, True)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name])
 
 
 def test_a_method_iterating_the_container_is_refused_while_blocks_are_stale():
@@ -424,7 +460,7 @@ def test_a_method_iterating_the_container_is_refused_while_blocks_are_stale():
 
     model = WithEncode()
     a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), sampler="full")
-    with pytest.raises(GrowopsError, match="layers.2 ran outside the model's forward, but it is not live yet"):
+    with pytest.raises(GrowopsError, match="layers.1 ran outside the model's forward, where position 1 runs unit 0"):
         model.encode(torch.randn(2, 4))
     a.step()  # every block live: the physical blocks are the model
     torch.testing.assert_close(model.encode(torch.ones(2, 4)), a(torch.ones(2, 4)))
@@ -462,7 +498,7 @@ def test_stacks_run_twice_and_stacks_of_stacks_run_in_container_mode():
     assert a.mode == "container"
     x = torch.randn(2, 4)
     untied = Siamese()
-    untied.layers = nn.ModuleList([a.model.layers[0], a.model.layers[1]])
+    untied.layers = nn.ModuleList([copy.deepcopy(a.model.layers[0]), copy.deepcopy(a.model.layers[1])])
     torch.testing.assert_close(a(x), untied(x))
 
     class Stages(nn.Module):

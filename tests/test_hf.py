@@ -97,16 +97,25 @@ def test_generate_with_kv_cache_while_sharing(name):
     assert torch.equal(exported.generate(prompt, use_cache=True, **kw), cached)
 
 
-def test_gradient_checkpointing_with_position_dependent_values_warns():
+def test_gradient_checkpointing_while_shared_gives_the_same_gradients():
+    """GPT-2 scaled by 1 / (layer_idx + 1): a shared block recomputed in the backward gets its position's scaling."""
     config = transformers.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
-                                     scale_attn_by_inverse_layer_idx=True)
-    model = transformers.GPT2LMHeadModel(config)
-    a = growops.apollo(model, stages=(1, 4), stage_steps=(5,))
-    assert "attn.scaling" in a.plan.stacks[0].per_layer_values  # scaled by 1 / (layer_idx + 1) at init
-    model.activation_checkpointing_enable()
+                                     scale_attn_by_inverse_layer_idx=True, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
     ids = _ids()
-    with pytest.warns(UserWarning, match="activation checkpointing.*attn.scaling"):
-        a(input_ids=ids, labels=ids)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config)
+        a = growops.apollo(model, stages=(1, 4), stage_steps=(5,), sampler="full")
+        assert "attn.scaling" in a.plan.stacks[0].per_layer_values  # set from layer_idx at init
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        a(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
 def _vit():

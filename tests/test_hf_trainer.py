@@ -104,3 +104,15 @@ def test_a_callback_added_twice_steps_once_and_another_model_is_refused(tmp_path
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "other"), max_steps=2, report_to=[], use_cpu=True)
     with pytest.raises(growops.GrowopsError, match="the Trainer trains a GPT2LMHeadModel, not a.model"):
         transformers.Trainer(model=other, args=args, train_dataset=_data(), callbacks=[ApolloCallback(_apollo())])
+
+
+def test_resuming_a_trainer_checkpoint_under_another_schedule_is_refused(tmp_path):
+    a = _apollo()
+    _trainer(a, tmp_path / "full", save_strategy="steps", save_steps=3).train()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+    b = growops.apollo(model, stages=(1, 2, 4), stage_steps=(3, 5), seed=1)  # other stage_steps
+    with pytest.raises(growops.GrowopsError, match="stage_steps: saved \\[2, 4\\], here \\[3, 5\\]"):
+        _trainer(b, tmp_path / "resumed", save_strategy="no").train(
+            resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert b.step_count == 0

@@ -147,8 +147,42 @@ def test_partials_and_bound_methods_are_told_apart():
             return max(unique, min(self.cap, layers))
 
     state = _make(sampler=functools.partial(full_depth)).state_dict()
-    with pytest.raises(GrowopsError, match="sampler: saved 'growops.schedule.full_depth'"):
+    with pytest.raises(GrowopsError, match="sampler: saved 'growops.schedule:full_depth'"):
         _make(sampler=functools.partial(unique_depth)).load_state_dict(state)
     state = _make(sampler=Capped(4).draw).state_dict()
     with pytest.warns(UserWarning, match="has other code"):
         _make(sampler=Capped(1).draw).load_state_dict(state)
+
+
+def test_the_same_sampler_imported_another_way_resumes_with_a_warning():
+    state = _make(sampler=_deep_sampler).state_dict()
+    module, qualname = state["_extra_state"]["sampler"].split(":")
+    state["_extra_state"]["sampler"] = f"__main__:{qualname}"  # saved from a script, resumed from a module
+    with pytest.warns(UserWarning, match="the same name from another module"):
+        _make(sampler=_deep_sampler).load_state_dict(state)
+
+
+def _deep_sampler(unique, layers, rng):
+    return layers
+
+
+def test_a_model_built_on_the_meta_device_loads_with_assign():
+    source = _make()
+    for _ in range(4):
+        source.step()
+    with torch.device("meta"):
+        a = _make()
+    with pytest.raises(GrowopsError, match="on the meta device, where loading copies nothing"):
+        a.load_state_dict(source.state_dict())
+    a.load_state_dict(source.state_dict(), assign=True)
+    assert a.step_count == 4 and not a.model.blocks[0].attn.c_attn.weight.is_meta
+
+
+def test_a_shallow_copy_of_the_wrapper_does_not_take_its_stack():
+    import gc
+
+    a = _make()
+    shallow = copy.copy(a)
+    del shallow
+    gc.collect()
+    a(**gpt_batch())

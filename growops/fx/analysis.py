@@ -89,9 +89,12 @@ def analyse(gm: fx.GraphModule, root: nn.Module | None = None, layouts: dict[str
         containers[path] = (containers[path][0], layout)
     stacks, notes = [], []
     for path, (blocks, layout) in containers.items():
-        why = _chain(gm.graph, blocks, layout)
+        modules = [root.get_submodule(b) for b in blocks]
+        twice = next(((blocks[i], blocks[j]) for j in range(len(blocks)) for i in range(j)
+                      if modules[i] is modules[j]), None)
+        why = (f"{twice[0]} and {twice[1]} are the same module: its blocks already share their weights, and growops "
+               "grows stacks of distinct blocks") if twice else _chain(gm.graph, blocks, layout)
         if why is None:
-            modules = [root.get_submodule(b) for b in blocks]
             reasons = tuple(explain_fixed(blocks, modules, layout))
             stacks.append(BlockStack(path, blocks, layout, _shared_inputs(gm.graph, blocks, layout),
                                      fixed_reasons=reasons))

@@ -12,10 +12,15 @@ accumulation micro-batches), puts the schedule back at the checkpoint's step whe
 
 from __future__ import annotations
 
+import weakref
+
 from transformers import TrainerCallback
 
 from ..apollo import Apollo
 from ..errors import GrowopsError
+from ..state import STATE_VERSION, check_fingerprint
+
+STATE_KEY = "growops"  # the schedule's fingerprint in the Trainer's state (trainer_state.json)
 
 
 class ApolloCallback(TrainerCallback):
@@ -51,22 +56,24 @@ class ApolloCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._check_model(model)
-        # The Trainer calls a.model, not a(...), so the wrapper's own checks run here.
-        self.apollo._check_checkpointing()
         # Resuming from a Trainer checkpoint restores weights and optimizer state but not the schedule. A Trainer
         # that starts at step 0 while the schedule has moved on (trained before, or a second train() call without
         # resuming) continues the schedule: rewinding it would regrow blocks over trained weights.
+        saved = state.stateful_callbacks.get(STATE_KEY) if state.global_step > 0 else None
+        if saved is not None:  # resuming from a checkpoint this callback saved: the same schedule?
+            check_fingerprint({"version": STATE_VERSION, **saved}, self.apollo._fingerprint())
         if state.global_step > 0 and state.global_step != self.apollo.step_count:
             self.apollo.restore_step(state.global_step)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         # One a.step() per optimizer step, even if the callback was added twice.
-        mark = (id(state), state.global_step)
-        if self.apollo.__dict__.get("_trainer_step") == mark:
+        last = self.apollo.__dict__.get("_trainer_step")
+        if last is not None and last[0]() is state and last[1] == state.global_step:
             return
-        self.apollo.__dict__["_trainer_step"] = mark
-        # Accelerate wraps the optimizer; its state lives on the inner one.
-        self.apollo.step(getattr(optimizer, "optimizer", optimizer))
+        self.apollo.__dict__["_trainer_step"] = (weakref.ref(state), state.global_step)
+        self.apollo.step(optimizer)  # unwraps accelerate's optimizer to the one that holds the state
+        # The Trainer saves this in its checkpoints (trainer_state.json), so a resume can check the schedule.
+        state.stateful_callbacks[STATE_KEY] = self.apollo._fingerprint()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         values = {"growops/stage": self.apollo.stage, "growops/unique_layers": self.apollo.unique_layers,
