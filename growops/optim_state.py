@@ -30,7 +30,7 @@ def unwrap_optimizers(optimizers) -> list[torch.optim.Optimizer]:
     """The optimizers `a.step(...)` was given, checked, and unwrapped where the state lives on an inner optimizer
     (accelerate's ``.optimizer``, ZeroRedundancyOptimizer's ``.optim``); None entries dropped."""
     out = []
-    for opt in optimizers:
+    for opt in [o for item in optimizers for o in (item if isinstance(item, (list, tuple)) else (item,))]:
         if opt is None:
             continue
         inner = getattr(opt, "optim", None)

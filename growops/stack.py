@@ -43,7 +43,10 @@ def _fingerprint(value: Any) -> tuple:
     """What tells whether a piece of block state changed: its identity, for a tensor its memory and version, for a
     dict or list what it holds (shallowly)."""
     if isinstance(value, torch.Tensor) and not value.is_inference():
-        return id(value), value.data_ptr(), value._version
+        try:
+            return id(value), value.data_ptr(), value._version
+        except RuntimeError:  # a fake tensor (torch.export tracing the model): no memory to tell by
+            return (id(value),)
     if isinstance(value, dict):
         return id(value), tuple((k, _fingerprint(v)) for k, v in value.items())
     if isinstance(value, list):
@@ -225,10 +228,10 @@ class StackRuntime:
         """Raise if this runtime lost its wrapper (a copy of the wrapped model, made by copy.deepcopy(a.model)), or if a
         training forward bypasses the wrapper that draws each forward's depth (resample="micro_batch")."""
         if self.owned and (self.owner is None or self.owner() is None):
-            raise GrowopsError(f"this model is a copy of a model growops manages ({self.path} was copied with "
-                               "copy.deepcopy(a.model), say): its blocks follow the schedule as it stood when copied, "
-                               "not the wrapper's. For an EMA or a teacher copy a.export(); to copy the wrapper, "
-                               "copy.deepcopy(a)")
+            raise GrowopsError(f"the growops wrapper of this model is gone: it was dropped, or this model is a copy "
+                               f"({self.path} copied with copy.deepcopy(a.model), say), whose blocks would follow the "
+                               "schedule as it stood then. Keep the wrapper `a` and call it; for a teacher copy "
+                               "a.export()")
         if self.wrapper_forwards is not None and self.training and not in_backward():
             if self.wrapper_forwards == 0:
                 raise GrowopsError("resample='micro_batch' draws each training forward's depth in a(...): call a(...), "

@@ -162,3 +162,24 @@ def test_vision_audio_and_encoder_decoder_models_need_no_example_inputs(make, st
     exported = a.export().eval()
     assert type(exported) is type(model) and list(exported.state_dict()) == list(model.state_dict())
     torch.testing.assert_close(exported(**inputs)[0], a(**inputs)[0], rtol=0, atol=1e-6)
+
+
+def test_gpt_neo_per_layer_mask_buffers():
+    """GPT-Neo's local layers bake their window into a causal-mask buffer: a per-layer value, given by position."""
+    config = transformers.GPTNeoConfig(num_layers=4, hidden_size=32, num_heads=2, vocab_size=VOCAB,
+                                       max_position_embeddings=64, attention_types=[[["global", "local"], 2]],
+                                       window_size=4)
+    torch.manual_seed(0)
+    model = transformers.GPTNeoForCausalLM(config).eval()
+    ids = _ids(shape=(2, 12))
+    reference = model(input_ids=ids).logits
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), optimizer_state="keep").eval()
+    assert "attn.attention.bias" in a.plan.stacks[0].per_layer_values
+    before = a(input_ids=ids).logits
+    a.step()
+    torch.testing.assert_close(a(input_ids=ids).logits, before, rtol=0, atol=1e-6)  # 2 -> 4: a multiple
+    exported = a.export().eval()
+    torch.testing.assert_close(exported(input_ids=ids).logits, a(input_ids=ids).logits, rtol=0, atol=1e-6)
+    masks = [blk.attn.attention.bias for blk in exported.transformer.h]
+    assert not torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[3])  # global, local, global, local
+    assert reference.shape == before.shape
