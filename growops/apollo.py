@@ -25,8 +25,8 @@ from .growth import copy_units
 from .install import install, uninstall
 from .maps import check_growth, depth_map, growth_sources, preserves_function
 from .ops.routing import route_shared_linears
-from .optim_state import apply_states, check_policy, new_states, unwrap_optimizers
-from .plan import Plan, check_plan, make_plan
+from .optim_state import StepRate, apply_states, check_policy, new_states, unwrap_optimizers
+from .plan import Plan, check_plan, make_plan, refuse_undecided, warn_block_hooks
 from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
 from .stack import in_backward
 from .state import (
@@ -39,7 +39,6 @@ from .state import (
     loading,
     sampler_identity,
 )
-from .structure import join as join_path
 
 RESAMPLE: tuple[str, ...] = ("step", "micro_batch")
 
@@ -125,7 +124,7 @@ class Apollo(nn.Module):
             if stack is not None:
                 raise GrowopsError("pass stack= to growops.plan(model, stack=...), not with plan=: the plan already "
                                    f"chose {plan.paths}")
-        _refuse_undecided(plan)
+        refuse_undecided(plan)
         # Everything that can reject the arguments runs before the model is touched.
         try:
             self._schedule = Schedule.checked(stages, stage_steps, plan.layers)
@@ -134,7 +133,7 @@ class Apollo(nn.Module):
         depth = _draw(self._sampler, self._sampler_name, self._schedule.stages[0], plan.layers, seed, 0)
         _warn_non_multiples(self._schedule.stages, growth)
 
-        _warn_block_hooks(model, plan)
+        warn_block_hooks(model, plan)
         self._plan = plan
         self.model = model
         self._runtimes, self._graph = install(model, plan, self._growth)  # self._graph: a GraphRunner in graph mode
@@ -148,7 +147,7 @@ class Apollo(nn.Module):
         self._configure(self._schedule.stages[0], depth)
         self._micro_batch = 0  # training forwards since the last step(), for resample="micro_batch"
         self._warned = set()
-        self._optimizer_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> [steps]
+        self._step_rate = StepRate()
         self.register_load_state_dict_post_hook(_after_load)
         for runtime in self._runtimes:
             runtime.owned = True
@@ -160,12 +159,8 @@ class Apollo(nn.Module):
             if runtime.owner is None or runtime.owner() is None:  # a shallow copy shares the original's runtimes
                 runtime.owner = weakref.ref(self)
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_optimizer_steps": None}  # optimizers are not part of the model
-
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._optimizer_steps = weakref.WeakKeyDictionary()
         self._own_runtimes()  # a copy's (deepcopy, pickle) runtimes belong to the copy
 
     # ---------------------------------------------------------------- public state
@@ -241,7 +236,7 @@ class Apollo(nn.Module):
         depth = self._sample(self._schedule.stages[target], step)
         for runtime in self._runtimes:
             runtime.sync()
-        notes = self._check_step_rate(optimizers)
+        notes = self._step_rate.check(optimizers)
         if self.stage < target:
             notes += self._grow(optimizers)
         self.step_count = step
@@ -297,21 +292,6 @@ class Apollo(nn.Module):
             self._warned.add("optimizer")
             notes.append(f"growops: the model grew without an optimizer, so optimizer_state={self._policy!r} was not "
                          "applied; call a.step(optimizer) so grown blocks get the right optimizer state")
-        return notes
-
-    def _check_step_rate(self, optimizers: list[torch.optim.Optimizer]) -> list[str]:
-        """A warning if a.step() came twice without an optimizer step between (once per micro-batch, say)."""
-        notes = []
-        for opt in optimizers:
-            count = self._optimizer_steps.get(opt)
-            if count is None:  # first seen: count its steps from now on
-                count = self._optimizer_steps[opt] = _StepCount()
-                opt.register_step_post_hook(count)
-            elif count.steps == 0 and "rate" not in self._warned:
-                self._warned.add("rate")
-                notes.append("growops: a.step(optimizer) was called twice without optimizer.step() between: call it "
-                             "once per optimizer step, after all micro-batches, or the schedule runs too fast")
-            count.steps = 0
         return notes
 
     def _sample(self, unique: int, step: int) -> int:
@@ -394,43 +374,6 @@ def _after_load(a: Apollo, incompatible_keys) -> None:
     pending = a.__dict__.pop("_pending", None)
     if pending is not None:
         a._apply_state(pending)
-
-
-class _StepCount:
-    """An optimizer step post-hook that counts the optimizer's steps (picklable, unlike a closure)."""
-
-    def __init__(self):
-        self.steps = 0
-
-    def __call__(self, optimizer, args, kwargs) -> None:
-        self.steps += 1
-
-
-def _warn_block_hooks(model: nn.Module, plan: Plan) -> None:
-    """Hooks on growable blocks fire wherever a block runs: at every position that shares it, never while it is not
-    live. Say so once, naming one, when the model comes with such hooks."""
-    for s in plan.stacks:
-        for path in (p for u in range(s.layers) for p in s.unit(u)):
-            block = model.get_submodule(path)
-            hooked = [name for name, m in block.named_modules()
-                      if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
-            if hooked:
-                warnings.warn(f"growops: {join_path(path, hooked[0])} has hooks of yours: they fire wherever its block "
-                              "runs while blocks are shared (at every position that shares it, never while it is not "
-                              "live yet), not at one layer's position", stacklevel=4)
-                return
-
-
-def _refuse_undecided(plan: Plan) -> None:
-    for s in plan.stacks:
-        if s.undecided_values:
-            path, values = next(iter(s.undecided_values.items()))
-            kinds = sorted({type(v).__name__ for v in values})
-            raise GrowopsError(
-                f"{s.path}: the blocks hold different values at {path} ({', '.join(kinds)} objects growops cannot "
-                f"compare), so growops cannot tell whether position i must use block i's (a per-layer value) or any "
-                f"block's (part of the block). Declare it: p = growops.plan(model); "
-                f"p = p.declare(per_layer=[{path!r}]) (or constant=[...]); growops.apollo(model, ..., plan=p)")
 
 
 def _draw(sampler, name: str, unique: int, layers: int, seed: int, step: int, micro_batch: int = 0) -> int:

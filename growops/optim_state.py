@@ -12,6 +12,7 @@ slot held before, which may have belonged to another block (the authors' behavio
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import MutableMapping, Sequence
 
 import torch
@@ -51,6 +52,47 @@ def _is_optimizer(opt) -> bool:
     groups = getattr(opt, "param_groups", None)
     return isinstance(groups, list) and all(isinstance(g, dict) and "params" in g for g in groups) and \
         isinstance(getattr(opt, "state", None), MutableMapping)
+
+
+class StepRate:
+    """Warns once if ``a.step()`` comes twice without a step of the optimizer in between (called once per
+    micro-batch, say, which runs the schedule too fast). Counts each optimizer's steps with a post-step hook."""
+
+    def __init__(self):
+        self.steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its step counter
+        self.warned = False
+
+    def check(self, optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
+        """The warning to give (at most once), and start counting afresh."""
+        notes = []
+        for opt in optimizers:
+            count = self.steps.get(opt)
+            if count is None:  # first seen: count its steps from now on
+                count = self.steps[opt] = _StepCount()
+                opt.register_step_post_hook(count)
+            elif count.steps == 0 and not self.warned:
+                self.warned = True
+                notes.append("growops: a.step(optimizer) was called twice without optimizer.step() between: call it "
+                             "once per optimizer step, after all micro-batches, or the schedule runs too fast (an "
+                             "optimizer step skipped by mixed-precision overflow also shows here)")
+            count.steps = 0
+        return notes
+
+    def __getstate__(self) -> dict:
+        return {"steps": None, "warned": self.warned}  # optimizers are not part of the model
+
+    def __setstate__(self, state: dict) -> None:
+        self.steps, self.warned = weakref.WeakKeyDictionary(), state["warned"]
+
+
+class _StepCount:
+    """An optimizer step post-hook that counts the optimizer's steps (picklable, unlike a closure)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
 
 
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, blocks: Sequence[nn.Module | Sequence[nn.Module]],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -396,3 +397,31 @@ def _short_value(v: Any) -> str:
         return f"tensor{tuple(v.shape)}" if v.numel() > 4 else repr(v.tolist())
     text = repr(v)
     return text if len(text) <= 24 else text[:21] + "..."
+
+
+def refuse_undecided(plan: Plan) -> None:
+    """Raise a GrowopsError naming the first value growops could not decide, with the way to declare it."""
+    for s in plan.stacks:
+        if s.undecided_values:
+            path, values = next(iter(s.undecided_values.items()))
+            kinds = sorted({type(v).__name__ for v in values})
+            raise GrowopsError(
+                f"{s.path}: the blocks hold different values at {path} ({', '.join(kinds)} objects growops cannot "
+                f"compare), so growops cannot tell whether position i must use block i's (a per-layer value) or any "
+                f"block's (part of the block). Declare it: p = growops.plan(model); "
+                f"p = p.declare(per_layer=[{path!r}]) (or constant=[...]); growops.apollo(model, ..., plan=p)")
+
+
+def warn_block_hooks(model: nn.Module, plan: Plan) -> None:
+    """Hooks on growable blocks fire wherever a block runs: at every position that shares it, never while it is not
+    live. Say so once, naming one, when the model comes with such hooks."""
+    for s in plan.stacks:
+        for path in (p for u in range(s.layers) for p in s.unit(u)):
+            block = model.get_submodule(path)
+            hooked = [name for name, m in block.named_modules()
+                      if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+            if hooked:
+                warnings.warn(f"growops: {join(path, hooked[0])} has hooks of yours: they fire wherever its block "
+                              "runs while blocks are shared (at every position that shares it, never while it is not "
+                              "live yet), not at one layer's position", stacklevel=4)
+                return

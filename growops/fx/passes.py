@@ -12,8 +12,9 @@ import operator
 from torch import fx
 
 from ..errors import GrowopsError
-from ..stack import CallTemplate, DepthGate, Slot, StackRuntime
+from ..stack import StackRuntime
 from .analysis import BlockStack
+from .gate import CallTemplate, DepthGate, Slot
 
 GATE = "growops_gate"
 
