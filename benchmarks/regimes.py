@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
@@ -103,6 +104,16 @@ GRIDS = {
 }
 
 
+# The study of issue 11: every recipe and growth-aware option at scratch's tuned lr, a 4x larger validation set
+# (32 batches: the 8-batch set jitters by ~0.01), one seed to screen, then three seeds of scratch and the best arms.
+STUDY = ("apollo", "apollo-sqrt", "apollo-linear", "apollo-rewarm", "gstack", "gstack-10", "gstack-50",
+         "gstack-rewarm", "gstack-lvps", "stack")
+S3000 = dict(W32, fused_adamw=True, lr=1.6e-2, eval_batches=32)
+GRIDS["study-3000"] = {"s3000-seed0": dict(S3000, arms=STUDY)}
+GRIDS["seeds-3000"] = {f"s3000-seed{s}": dict(S3000, seed=s) for s in (0, 1, 2)}
+GRIDS["seeds-12000"] = {f"s12000-seed{s}": dict(S3000, steps=12000, seed=s) for s in (0, 1, 2)}
+
+
 def key(cfg: TrainConfig, arm: str) -> str:
     fields = asdict(cfg)
     if not fields["fused_adamw"]:
@@ -141,9 +152,10 @@ def main(argv=None) -> None:
     parser.add_argument("--grid", default="quick", choices=sorted(GRIDS))
     parser.add_argument("--arms", default="apollo,apollo-keep,apollo-copy,stack,interpolate,apollo-uniform")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", help="run only the grid's regimes whose names match this regular expression")
     args = parser.parse_args(argv)
     arms = ["scratch"] + args.arms.split(",")
-    grid = GRIDS[args.grid]
+    grid = {k: v for k, v in GRIDS[args.grid].items() if args.only is None or re.search(args.only, k)}
     configs = {}  # (regime, arm) -> TrainConfig; "scratch" may differ (e.g. kept at its best lr)
     for name, o in grid.items():
         cfg = replace(BASE, eval_every=max(1, o.get("steps", BASE.steps) // 40),
@@ -156,13 +168,42 @@ def main(argv=None) -> None:
             if key(cfg, arm) not in by_key:
                 by_key[key(cfg, arm)] = pool.submit(run_one, cfg, arm)
         histories = {job: by_key[key(cfg, job[1])].result() for job, cfg in configs.items()}
-    print("| regime | arm | final val | target (scratch final) | reached at step | FLOPs saving |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| regime | arm | final val | FLOPs share | scratch at equal FLOPs | target (scratch final) | reached at "
+          "step | FLOPs saving |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    summaries = {}
     for name in grid:
-        target, rows = report.summary({arm: h for (n, arm), h in histories.items() if n == name})
+        target, rows = summaries[name] = report.summary({arm: h for (n, arm), h in histories.items() if n == name})
         for r in rows:
             hit = (f"{r['step']} | {r['flops_saving']:.1f}%" if r["reached"] else "not reached | -")
-            print(f"| {name} | {r['arm']} | {r['final_val']:.4f} | {target:.4f} | {hit} |")
+            print(f"| {name} | {r['arm']} | {r['final_val']:.4f} | {r['flops_share']:.0f}% | "
+                  f"{r['scratch_at_equal_flops']:.4f} | {target:.4f} | {hit} |")
+    if any(SEED.search(name) for name in grid):
+        print()
+        print(seed_table(summaries))
+
+
+SEED = re.compile(r"-seed\d+$")
+
+
+def seed_table(summaries: dict[str, tuple[float, list[dict]]]) -> str:
+    """Per regime (seeds pooled) and arm: final val loss mean and range over seeds, the mean gap to the same seed's
+    scratch at the arm's own FLOPs, and the FLOPs saving where every seed reaches its scratch's final loss."""
+    pooled: dict[tuple[str, str], list[dict]] = {}
+    for name, (_, rows) in summaries.items():
+        for r in rows:
+            pooled.setdefault((SEED.sub("", name), r["arm"]), []).append(r)
+    lines = ["| regime | arm | seeds | final val, mean (min-max) | FLOPs share | val minus scratch's at equal FLOPs, "
+             "mean (min-max) | FLOPs saving to own scratch's final, per seed |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (regime, arm), rows in pooled.items():
+        finals = [r["final_val"] for r in rows]
+        gaps = [r["final_val"] - r["scratch_at_equal_flops"] for r in rows]
+        savings = ", ".join(f"{r['flops_saving']:.1f}%" if r["reached"] else "-" for r in rows)
+        lines.append(f"| {regime} | {arm} | {len(rows)} | {sum(finals) / len(finals):.4f} ({min(finals):.4f}-"
+                     f"{max(finals):.4f}) | {rows[0]['flops_share']:.0f}% | {sum(gaps) / len(gaps):+.4f} "
+                     f"({min(gaps):+.4f}-{max(gaps):+.4f}) | {savings} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

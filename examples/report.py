@@ -23,6 +23,15 @@ def reach(history: list[Row], target: float) -> tuple[float, float, int] | None:
     return None
 
 
+def loss_at(history: list[Row], flops: float) -> float:
+    """Val loss of `history` at `flops` training FLOPs, interpolated between evaluations (the last one beyond)."""
+    for prev, row in zip(history, history[1:]):
+        if row[1] >= flops:
+            t = (flops - prev[1]) / (row[1] - prev[1]) if row[1] > prev[1] else 1.0
+            return prev[3] + t * (row[3] - prev[3])
+    return history[-1][3]
+
+
 def summary(histories: dict[str, list[Row]], baseline: str = "scratch") -> tuple[float, list[dict]]:
     """The target (the baseline's final val loss) and, per arm, its cost to reach it and the savings in percent."""
     target = histories[baseline][-1][3]
@@ -31,40 +40,55 @@ def summary(histories: dict[str, list[Row]], baseline: str = "scratch") -> tuple
     for name, history in histories.items():
         hit = reach(history, target)
         row = {"arm": name, "final_val": history[-1][3], "total_flops": history[-1][1],
-               "total_seconds": history[-1][2], "reached": hit is not None}
+               "total_seconds": history[-1][2], "reached": hit is not None,
+               "flops_share": 100 * history[-1][1] / base[1], "time_share": 100 * history[-1][2] / max(base[2], 1e-12),
+               "scratch_at_equal_flops": loss_at(histories[baseline], history[-1][1])}
         if hit is not None:
             row.update(flops=hit[0], seconds=hit[1], step=hit[2],
                        flops_saving=100 * (1 - hit[0] / base[1]), time_saving=100 * (1 - hit[1] / base[2]))
+        else:  # where scratch got to this arm's final loss, as a share of scratch's FLOPs
+            own = reach(histories[baseline], history[-1][3])
+            row["scratch_share_to_same_loss"] = 100 * own[0] / base[1] if own else None
         rows.append(row)
     return target, rows
 
 
+def verdict(target: float, r: dict) -> str:
+    """One arm against scratch: its savings to scratch's final loss, or else its loss at its own FLOPs and where
+    scratch got to that loss (never only "did not reach")."""
+    if r["reached"]:
+        return (f"{r['arm']}: {r['flops_saving']:.1f}% fewer FLOPs, {r['time_saving']:.1f}% less wall-clock than "
+                f"scratch to val loss {target:.4f}")
+    share = r.get("scratch_share_to_same_loss")
+    where = f"scratch reaches that loss at {share:.0f}%" if share is not None else "scratch never got that high"
+    return f"{r['arm']}: val loss {r['final_val']:.4f} at {r['flops_share']:.0f}% of scratch's FLOPs; {where}"
+
+
 def markdown_table(target: float, rows: list[dict]) -> str:
     lines = [f"Target: scratch's final validation loss {target:.4f}.", "",
-             "| arm | final val | reaches target at step | FLOPs to target | FLOPs saving | seconds to target | "
-             "wall-clock saving |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| arm | final val | FLOPs, share of scratch | wall-clock, share of scratch | scratch's val at the same "
+             "FLOPs | reaches target at step | FLOPs saving | wall-clock saving | scratch reaches this arm's final "
+             "loss at |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        head = (f"| {r['arm']} | {r['final_val']:.4f} | {r['flops_share']:.0f}% | {r['time_share']:.0f}% | "
+                f"{r['scratch_at_equal_flops']:.4f} | ")
         if r["reached"]:
-            lines.append(f"| {r['arm']} | {r['final_val']:.4f} | {r['step']} | {r['flops']:.3g} | "
-                         f"{r['flops_saving']:.1f}% | {r['seconds']:.1f} | {r['time_saving']:.1f}% |")
+            lines.append(head + f"{r['step']} | {r['flops_saving']:.1f}% | {r['time_saving']:.1f}% | - |")
         else:
-            lines.append(f"| {r['arm']} | {r['final_val']:.4f} | not reached | - | - | - | - |")
+            share = r.get("scratch_share_to_same_loss")
+            lines.append(head + f"not reached | - | - | {'-' if share is None else f'{share:.0f}% of its FLOPs'} |")
     return "\n".join(lines)
 
 
-def headline(target: float, rows: list[dict], main: str = "apollo", other: str = "stack") -> str:
-    """``apollo: 52.3% fewer FLOPs, 46.0% less wall-clock than scratch to reach val loss 1.92 (stack: ...)``"""
-    by = {r["arm"]: r for r in rows}
-
-    def part(r):
-        return f"{r['flops_saving']:.1f}% fewer FLOPs" if r["reached"] else "did not reach it"
-
-    m = by[main]
-    tail = f" ({other}: {part(by[other])})" if other in by else ""
-    if m["reached"]:
-        return (f"{main}: {m['flops_saving']:.1f}% fewer FLOPs, {m['time_saving']:.1f}% less wall-clock than scratch "
-                f"to reach val loss {target:.4f}{tail}")
-    return f"{main}: did not reach scratch's val loss {target:.4f} (ended at {m['final_val']:.4f}){tail}"
+def headline(target: float, rows: list[dict]) -> str:
+    """The run's one line: the growing arm that reaches scratch's final loss with the largest FLOPs saving, with its
+    savings; if none reaches it, the growing arm with the lowest final loss, with its loss at its own FLOPs."""
+    growing = [r for r in rows if r["arm"] != "scratch"]
+    if not growing:
+        return f"scratch: val loss {target:.4f}"
+    reached = [r for r in growing if r["reached"]]
+    best = max(reached, key=lambda r: r["flops_saving"]) if reached else min(growing, key=lambda r: r["final_val"])
+    return verdict(target, best)
 
 
 def plot(histories: dict[str, list[Row]], target: float, path: Path, title: str) -> None:

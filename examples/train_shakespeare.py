@@ -63,8 +63,9 @@ class TrainConfig:
     fused_adamw: bool = True  # the fused AdamW kernel: about 20% faster per step on the CPU preset
     seed: int = 0
 
-    def stage_steps(self) -> tuple[int, ...]:
-        return tuple(max(i + 1, round(f * self.steps)) for i, f in enumerate(self.stage_fractions))
+    def stage_steps(self, fractions: tuple[float, ...] | None = None) -> tuple[int, ...]:
+        fractions = self.stage_fractions if fractions is None else fractions
+        return tuple(max(i + 1, round(f * self.steps)) for i, f in enumerate(fractions))
 
 
 PRESETS = {
@@ -75,16 +76,26 @@ PRESETS = {
                        eval_every=60, eval_batches=16, stage_fractions=(0.1, 0.3, 0.6), bf16=True),
 }
 
-# Arms: None is training from scratch; otherwise the arguments of growops.apollo (the stages come from the config).
+# Arms: None is training from scratch; otherwise the arguments of growops.apollo (stages and stage_fractions default
+# to the config's), or of another recipe named by "recipe" with its growth step given as a share of the run.
 ARMS: dict[str, dict | None] = {
     "scratch": None,
     "apollo": dict(sampler="lvps", growth="interpolate"),
+    "gstack": dict(recipe="gstack", factor=4, grow_at=0.25),  # G_stack: 3 blocks, stacked 4x at a quarter
     "stack": dict(sampler="unique", growth="stack"),  # StackBERT-style progressive stacking
     "interpolate": dict(sampler="unique", growth="interpolate"),  # progressive interpolation, no sampling
     "apollo-uniform": dict(sampler="uniform", growth="interpolate"),
     "apollo-copy": dict(sampler="lvps", growth="interpolate", optimizer_state="copy"),
     "apollo-reset": dict(sampler="lvps", growth="interpolate", optimizer_state="reset"),
     "apollo-keep": dict(sampler="lvps", growth="interpolate", optimizer_state="keep"),
+    # The study's options (benchmarks/regimes.py --grid study-3000): growth-aware learning rates, growth timing.
+    "apollo-sqrt": dict(sampler="lvps", growth="interpolate", lr_scale="sqrt"),
+    "apollo-linear": dict(sampler="lvps", growth="interpolate", lr_scale="linear"),
+    "apollo-rewarm": dict(sampler="lvps", growth="interpolate", rewarmup=50),
+    "gstack-10": dict(recipe="gstack", factor=4, grow_at=0.10),
+    "gstack-50": dict(recipe="gstack", factor=4, grow_at=0.50),
+    "gstack-rewarm": dict(recipe="gstack", factor=4, grow_at=0.25, rewarmup=50),
+    "gstack-lvps": dict(stages=(3, 12), stage_fractions=(0.25,), sampler="lvps", growth="stack"),  # LVPS, then stack
 }
 
 
@@ -120,11 +131,23 @@ def build(arm: str, cfg: TrainConfig, init_state: dict, device: torch.device) ->
     model = GPT(GPTConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, block_size=cfg.block_size))
     model.load_state_dict(init_state)
     model.to(device)
-    kwargs = ARMS[arm]
-    if kwargs is None:
+    if ARMS[arm] is None:
         return model
-    kwargs = {"optimizer_state": cfg.optimizer_state, **kwargs}
-    return growops.apollo(model, stages=cfg.stages, stage_steps=cfg.stage_steps(), seed=cfg.seed, **kwargs)
+    kwargs = {"optimizer_state": cfg.optimizer_state, "seed": cfg.seed, **ARMS[arm]}
+    if kwargs.pop("recipe", None) == "gstack":
+        return growops.gstack(model, grow_step=max(1, round(kwargs.pop("grow_at") * cfg.steps)), **kwargs)
+    stages = kwargs.pop("stages", cfg.stages)
+    stage_steps = cfg.stage_steps(kwargs.pop("stage_fractions", None))
+    return growops.apollo(model, stages=stages, stage_steps=stage_steps, **kwargs)
+
+
+def param_groups(model: torch.nn.Module, arm: str):
+    """The optimizer's parameters: per-unit groups where the arm's learning rates are growth-aware (one group
+    otherwise: the fused AdamW runs one kernel per group, and the wall-clock comparison should not pay for that)."""
+    options = ARMS[arm] or {}
+    if options.get("lr_scale", "none") != "none" or options.get("rewarmup", 0):
+        return model.param_groups()
+    return model.parameters()
 
 
 class Arm:
@@ -134,7 +157,7 @@ class Arm:
         self.name, self.cfg, self.device = name, cfg, device
         self.model = build(name, cfg, init_state, device)
         self.apollo = self.model if isinstance(self.model, growops.Apollo) else None
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        self.opt = torch.optim.AdamW(param_groups(self.model, name), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.95), fused=cfg.fused_adamw or None)
         self.batches = Batches(train_ids, cfg.batch_size, cfg.block_size, seed=cfg.seed)
         sample = Batches(train_ids, cfg.batch_size, cfg.block_size, seed=-1).next()
@@ -206,8 +229,9 @@ def run(cfg: TrainConfig, arms: list[str], text: str | None, name: str, out: Pat
           f"stages {cfg.stages} from steps {cfg.stage_steps()}; device {describe(device)}")
     histories = train_arms(arms, cfg, init_state, train_ids, val, device, progress)
     target, rows = report.summary(histories)
-    table = report.markdown_table(target, rows)
-    line = report.headline(target, rows) if "apollo" in histories else f"scratch final val loss {target:.4f}"
+    line = report.headline(target, rows)
+    table = report.markdown_table(target, rows) + "\n\n" + "\n".join(
+        f"- {report.verdict(target, r)}" for r in rows if r["arm"] != "scratch")
     out.mkdir(parents=True, exist_ok=True)
     (out / "histories.json").write_text(json.dumps({"config": asdict(cfg), "device": describe(device),
                                                     "histories": histories}, indent=1))

@@ -17,8 +17,10 @@ from .growth import expand_blocks
 from .maps import depth_map, growth_sources
 from .optim_state import remap_optimizer_state
 from .plan import Plan
+from .recipes import gstack, gstack_growth_tokens, stackbert
 from .schedule import lvps_depth
 
-__all__ = ["Apollo", "BlockStack", "GrowopsError", "GrowopsTypeError", "Plan", "apollo", "depth_map", "expand_blocks",
-           "find_block_stacks", "growth_sources", "insert_depth_gate", "load_safetensors", "lvps_depth", "plan",
-           "remap_optimizer_state", "save_safetensors", "tie_blocks", "trace_model"]
+__all__ = ["Apollo", "BlockStack", "GrowopsError", "GrowopsTypeError", "Plan", "apollo", "depth_map",
+           "expand_blocks", "find_block_stacks", "growth_sources", "gstack", "gstack_growth_tokens",
+           "insert_depth_gate", "load_safetensors", "lvps_depth", "plan", "remap_optimizer_state",
+           "save_safetensors", "stackbert", "tie_blocks", "trace_model"]

@@ -23,6 +23,7 @@ from torch import nn
 from .errors import GrowopsError, GrowopsTypeError, check_choice, check_int
 from .growth import copy_units
 from .install import install, uninstall
+from .lr import REST, check_lr_options, register, scale, split_groups, warmup
 from .maps import check_growth, depth_map, growth_sources, preserves_function
 from .ops.routing import route_shared_linears
 from .optim_state import StepRate, apply_states, check_policy, new_states, unwrap_optimizers
@@ -46,7 +47,8 @@ RESAMPLE: tuple[str, ...] = ("step", "micro_batch")
 def apollo(model: nn.Module, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 10000), sampler: SamplerSpec = "lvps",
            growth: str = "interpolate", optimizer_state: str = "reset", seed: int = 0,
            stack: str | Sequence[str] | None = None, example_inputs: Any = None, resample: str = "step",
-           shared_linear: bool | str = "auto", plan: Plan | None = None) -> Apollo:
+           shared_linear: bool | str = "auto", plan: Plan | None = None, lr_scale: str = "none",
+           rewarmup: int = 0) -> Apollo:
     """Wrap `model` for Apollo progressive training.
 
     stages: unique blocks (growable units) per stage, strictly increasing, the last equal to the model's L.
@@ -67,9 +69,14 @@ def apollo(model: nn.Module, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 1000
         weight gradients are summed over a shared block's uses in fp32 (autocast sums them in bf16), with the
         ``growops_cuda`` kernel where it builds. ``"auto"`` (default): where CUDA is available; ``True``; ``False``.
     plan: a ``growops.plan(model)`` result, possibly edited (``plan.declare(...)``); found from the model if None.
+    lr_scale: ``"none"`` (default), ``"sqrt"`` or ``"linear"``: divide the learning rate of a unit that runs k times
+        at this step's depth by sqrt(k) or k. Needs the optimizer built from ``a.param_groups(...)``.
+    rewarmup: after each growth, ramp the learning rate linearly from 1/rewarmup of its value back to all of it over
+        this many steps (0: off). Needs ``a.param_groups(...)`` too. Both compose with your LR scheduler: the
+        multiplier is applied only while the optimizer steps (``growops.lr``).
     """
     return Apollo(model, stages, stage_steps, sampler, growth, optimizer_state, seed, stack, example_inputs, resample,
-                  shared_linear, plan)
+                  shared_linear, plan, lr_scale, rewarmup)
 
 
 def plan(model: nn.Module, stack: str | Sequence[str] | None = None, example_inputs: Any = None) -> Plan:
@@ -100,7 +107,8 @@ class Apollo(nn.Module):
     def __init__(self, model: nn.Module, stages, stage_steps, sampler: SamplerSpec = "lvps",
                  growth: str = "interpolate", optimizer_state: str = "reset", seed: int = 0,
                  stack: str | Sequence[str] | None = None, example_inputs: Any = None, resample: str = "step",
-                 shared_linear: bool | str = "auto", plan: Plan | None = None):
+                 shared_linear: bool | str = "auto", plan: Plan | None = None, lr_scale: str = "none",
+                 rewarmup: int = 0):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise GrowopsTypeError(f"apollo wraps an nn.Module, got {type(model).__name__}")
@@ -114,6 +122,8 @@ class Apollo(nn.Module):
         self._sampler_id = sampler_identity(self._sampler_name, sampler)
         self._seed = seed
         self._resample = check_choice("resample", resample, RESAMPLE)
+        self._lr_scale = lr_scale
+        self._lr_power, self._rewarmup = check_lr_options(lr_scale, rewarmup, self._resample)
         if not (isinstance(shared_linear, bool) or (isinstance(shared_linear, str) and shared_linear == "auto")):
             raise GrowopsTypeError(f"shared_linear must be True, False or 'auto', got {shared_linear!r}")
 
@@ -158,6 +168,29 @@ class Apollo(nn.Module):
         for runtime in self._runtimes:
             if runtime.owner is None or runtime.owner() is None:  # a shallow copy shares the original's runtimes
                 runtime.owner = weakref.ref(self)
+        if getattr(self, "_lr_power", 0) or getattr(self, "_rewarmup", 0):
+            register(self, self._unit_params())
+
+    def _unit_params(self) -> list[tuple[int, nn.Parameter]]:
+        """``(unit, parameter)`` for every parameter of the model, REST for those outside the growable units."""
+        unit_of = {id(p): u for r in self._runtimes for u in range(r.layers) for b in r.unit(u)
+                   for p in b.parameters()}
+        return [(unit_of.get(id(p), REST), p) for p in self.model.parameters()]
+
+    def param_groups(self, groups=None) -> list[dict]:
+        """Optimizer parameter groups in which each growable unit's parameters are groups of their own (what
+        ``lr_scale`` and ``rewarmup`` need): ``torch.optim.AdamW(a.param_groups(), lr=...)``. `groups` are your own
+        (parameters, or dicts with "params" and options such as weight_decay); ``a.parameters()`` if None. Every
+        option is kept; each group gets a ``"growops_unit"`` entry (-1: outside the units)."""
+        return split_groups(self.parameters() if groups is None else groups,
+                            {id(p): u for u, p in self._unit_params()})
+
+    def lr_factor(self, unit: int) -> float:
+        """The multiplier ``lr_scale`` and ``rewarmup`` put on the learning rate of `unit`'s parameter groups (-1:
+        the parameters outside the units) at the coming optimizer step."""
+        uses = self._runtimes[0].mapping(training=True).count(unit) if unit >= 0 else 0
+        since = self.step_count - self._schedule.stage_steps[self.stage - 1] if self.stage > 0 else None
+        return scale(uses, self._lr_power) * warmup(since, self._rewarmup)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -362,7 +395,7 @@ class Apollo(nn.Module):
         return {"stages": list(self._schedule.stages), "stage_steps": list(self._schedule.stage_steps),
                 "layers": self.layers, "growth": self._growth, **self._sampler_id, "seed": self._seed,
                 "stack": [s.spec() for s in self._plan.stacks], "resample": self._resample,
-                "optimizer_state": self._policy}
+                "optimizer_state": self._policy, "lr_scale": self._lr_scale, "rewarmup": self._rewarmup}
 
     def _check_state(self, state) -> None:
         check_fingerprint(state, self._fingerprint())

@@ -49,12 +49,17 @@ def check_position(state: dict, schedule: Schedule, layers: int) -> None:
         raise GrowopsError(f"saved growops state has depth={depth}; it must lie in [unique={unique}, L={layers}]")
 
 
+# Fingerprint fields added after STATE_VERSION 1 shipped, with the value that every state saved before had.
+SAVED_BEFORE = {"lr_scale": "none", "rewarmup": 0}
+
+
 def check_fingerprint(state: Any, here: dict) -> None:
     """Raise a GrowopsError unless `state` was saved under the same arguments (`here`); warn if only a custom
     sampler's code differs."""
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise GrowopsError(f"unrecognised growops state {_short(state)}: expected a dict saved by a.state_dict()")
-    diff = {k: (state.get(k), v) for k, v in here.items() if k != "sampler_code" and not _same(state.get(k), v)}
+    saved = {**SAVED_BEFORE, **state}
+    diff = {k: (saved.get(k), v) for k, v in here.items() if k != "sampler_code" and not _same(saved.get(k), v)}
     moved = diff.get("sampler", (None, None))
     if isinstance(moved[0], str) and isinstance(moved[1], str) and ":" in moved[0] and \
             moved[0].split(":", 1)[1] == moved[1].split(":", 1)[1]:  # the same function, imported another way

@@ -9,8 +9,9 @@ import growops
 def test_public_api():
     assert set(growops.__all__) == {
         "Apollo", "BlockStack", "GrowopsError", "GrowopsTypeError", "Plan", "apollo", "depth_map", "expand_blocks",
-        "find_block_stacks", "growth_sources", "insert_depth_gate", "load_safetensors", "lvps_depth", "plan",
-        "remap_optimizer_state", "save_safetensors", "tie_blocks", "trace_model"}
+        "find_block_stacks", "growth_sources", "gstack", "gstack_growth_tokens", "insert_depth_gate",
+        "load_safetensors", "lvps_depth", "plan",
+        "remap_optimizer_state", "save_safetensors", "stackbert", "tie_blocks", "trace_model"}
     assert all(hasattr(growops, name) for name in growops.__all__)
 
 
