@@ -27,6 +27,7 @@ from examples import report  # noqa: E402
 from examples.train_shakespeare import TrainConfig  # noqa: E402
 
 CACHE = ROOT / "runs" / "regimes"
+PLOTS = ROOT / "benchmarks" / "artifacts" / "regimes"
 APOLLO_ONLY = ("stages", "stage_fractions", "optimizer_state")
 # 1: CPU attention counted as 0 (no FlopCounterMode formula for the CPU flash kernel); 2: attention counted.
 FLOP_COUNTING = 2  # fields that do not change the scratch arm
@@ -111,6 +112,11 @@ STUDY = ("apollo", "apollo-sqrt", "apollo-linear", "apollo-rewarm", "gstack", "g
 S3000 = dict(W32, fused_adamw=True, lr=1.6e-2, eval_batches=32)
 GRIDS["study-3000"] = {"s3000-seed0": dict(S3000, arms=STUDY)}
 GRIDS["seeds-3000"] = {f"s3000-seed{s}": dict(S3000, seed=s) for s in (0, 1, 2)}
+# Scratch decayed at the FLOPs the G_stack arms use (82% and 64% of 3000 steps): the compute-matched baseline.
+GRIDS["matched-3000"] = {f"s3000-steps{n}": dict(S3000, steps=n, arms=()) for n in (2460, 1920)}
+# G_stack trained longer than scratch (25% more steps: 80% of scratch's FLOPs), against scratch's 3000 steps.
+GRIDS["longer-3000"] = {"s3000-gstack50-3750": dict(S3000, steps=3750, arms=("gstack-50",),
+                                                    scratch=dict(steps=3000, eval_every=75))}
 GRIDS["seeds-12000"] = {f"s12000-seed{s}": dict(S3000, steps=12000, seed=s) for s in (0, 1, 2)}
 
 
@@ -178,6 +184,11 @@ def main(argv=None) -> None:
             hit = (f"{r['step']} | {r['flops_saving']:.1f}%" if r["reached"] else "not reached | -")
             print(f"| {name} | {r['arm']} | {r['final_val']:.4f} | {r['flops_share']:.0f}% | "
                   f"{r['scratch_at_equal_flops']:.4f} | {target:.4f} | {hit} |")
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    for name in grid:
+        report.plot({arm: h for (n, arm), h in histories.items() if n == name}, summaries[name][0],
+                    PLOTS / f"{name}.png", f"{name}: val loss against FLOPs", wall_clock=False)
+    print(f"\nplots: {PLOTS}/<regime>.png")
     if any(SEED.search(name) for name in grid):
         print()
         print(seed_table(summaries))

@@ -91,26 +91,28 @@ def headline(target: float, rows: list[dict]) -> str:
     return verdict(target, best)
 
 
-def plot(histories: dict[str, list[Row]], target: float, path: Path, title: str) -> None:
-    """Validation loss against FLOPs and against wall-clock, side by side (the paper's figure)."""
+def plot(histories: dict[str, list[Row]], target: float, path: Path, title: str, wall_clock: bool = True) -> None:
+    """Validation loss against FLOPs and (`wall_clock`) against training seconds, side by side (the paper's
+    figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    axes_x = (("training FLOPs", 1), ("training wall-clock (s)", 2))[:2 if wall_clock else 1]
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(6 * len(axes_x), 4.5), squeeze=False)
     for name, history in histories.items():
         style = {"lw": 2.2, "color": "black"} if name == "scratch" else {"lw": 1.4}
-        axes[0].plot([r[1] for r in history], [r[3] for r in history], label=name, **style)
-        axes[1].plot([r[2] for r in history], [r[3] for r in history], label=name, **style)
-    for ax, xlabel in zip(axes, ("training FLOPs", "training wall-clock (s)")):
+        for ax, (_, column) in zip(axes[0], axes_x):
+            ax.plot([r[column] for r in history], [r[3] for r in history], label=name, **style)
+    finals = [h[-1][3] for h in histories.values()]
+    for ax, (xlabel, _) in zip(axes[0], axes_x):
         ax.axhline(target, color="gray", ls=":", lw=1)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (full depth)")
-        finals = [h[-1][3] for h in histories.values()]
         ax.set_ylim(min(finals) - 0.05, max(finals) + 0.6)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -19,3 +19,12 @@ def test_shared_layer_benchmark_smoke_on_cpu(tmp_path):
         # the fp32 ways agree with fp64; PyTorch's bf16 autocast sum does not (that is what the op fixes)
         assert r["growops_rel_err"] < 1e-6 and r["addmm_rel_err"] < 1e-6
         assert r["autograd_rel_err"] > 1e-4
+
+
+def test_overhead_benchmark_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--steps", "1", "--warmup", "0",
+                           "--modes", "eager", "--width", "16", "--block", "8", "--batch", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| eager")]
+    assert len(rows) == 7  # (1, 1), (1, 12), (3, 3), (3, 12), (6, 6), (6, 12), (12, 12)
