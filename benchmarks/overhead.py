@@ -6,8 +6,10 @@ layers of its own, eager and compiled.
 
 For each (unique, depth) the Apollo schedule uses (every stage at its own depth and at full depth), the plain
 model (GPT with `depth` blocks) and the wrapped 12-block model (put at that configuration with a fixed-depth
-sampler and ``restore_step``) take training steps in turn, the same batch, the same optimizer: the ratio of their
-median step times is the wrapper's cost (sharing weights adds no FLOPs). Compiled: ``torch.compile`` of each.
+sampler and ``restore_step``) take training steps in turn (which goes first alternates), the same batch, the same
+optimizer: the median over those pairs of wrapped / plain is the wrapper's cost (sharing weights adds no FLOPs).
+Pairing makes the ratio robust to a machine whose load drifts; the absolute difference, best read at a tiny width
+(``--width 8 --batch 1 --block 8``), is the wrapper's Python cost per step. Compiled: ``torch.compile`` of each.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def step(fn, opt, batch, device: str) -> float:
 
 
 def measure(width: int, compiled: bool, steps: int, warmup: int, device: str, batch: int, block: int) -> list[tuple]:
-    """(unique, depth, plain median s, wrapped median s) per configuration."""
+    """(unique, depth, plain median s, wrapped median s, median of the paired ratios) per configuration."""
     cfg = dict(n_embd=width, n_head=max(1, width // 16), block_size=block)
     sampler = FixedDepth()
     torch.manual_seed(0)
@@ -72,15 +74,18 @@ def measure(width: int, compiled: bool, steps: int, warmup: int, device: str, ba
             sampler.depth = depth
             a.restore_step((0, *stage_steps)[stage])  # weights are not touched: timing only
             assert (a.unique_layers, a.depth) == (unique, depth)
-            times = ([], [])
+            pairs = []  # (plain s, wrapped s) of steps taken back to back, the first of the two alternating
             for i in range(warmup + steps):
-                for fn, opt, t in ((plain_fn, opt_p, times[0]), (wrapped, opt_a, times[1])):
-                    s = step(fn, opt, data, device)
-                    if i >= warmup:
-                        t.append(s)
-            rows.append((unique, depth, statistics.median(times[0]), statistics.median(times[1])))
-            print(f"| {'compiled' if compiled else 'eager'} | {unique} | {depth} | {rows[-1][2] * 1e3:.2f} | "
-                  f"{rows[-1][3] * 1e3:.2f} | {rows[-1][3] / rows[-1][2]:.3f}x |", flush=True)
+                order = ((plain_fn, opt_p), (wrapped, opt_a))[:: 1 if i % 2 == 0 else -1]
+                times = {id(fn): step(fn, opt, data, device) for fn, opt in order}
+                if i >= warmup:
+                    pairs.append((times[id(plain_fn)], times[id(wrapped)]))
+            plain_s = statistics.median(p for p, _ in pairs)
+            wrapped_s = statistics.median(w for _, w in pairs)
+            ratio = statistics.median(w / p for p, w in pairs)
+            rows.append((unique, depth, plain_s, wrapped_s, ratio))
+            print(f"| {'compiled' if compiled else 'eager'} | {unique} | {depth} | {plain_s * 1e3:.2f} | "
+                  f"{wrapped_s * 1e3:.2f} | {(wrapped_s - plain_s) * 1e3:+.2f} | {ratio:.3f}x |", flush=True)
     return rows
 
 
@@ -96,8 +101,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, model 12 x "
           f"{args.width}, batch {args.batch} x {args.block}, median of {args.steps} steps after {args.warmup}")
-    print("| mode | unique | depth | plain ms/step | wrapped ms/step | wrapped / plain |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| mode | unique | depth | plain ms/step | wrapped ms/step | difference ms | wrapped / plain (paired) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for mode in args.modes.split(","):
         torch._dynamo.reset()
         measure(args.width, mode == "compiled", args.steps, args.warmup, args.device, args.batch, args.block)

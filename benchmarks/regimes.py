@@ -113,11 +113,16 @@ S3000 = dict(W32, fused_adamw=True, lr=1.6e-2, eval_batches=32)
 GRIDS["study-3000"] = {"s3000-seed0": dict(S3000, arms=STUDY)}
 GRIDS["seeds-3000"] = {f"s3000-seed{s}": dict(S3000, seed=s) for s in (0, 1, 2)}
 # Scratch decayed at the FLOPs the G_stack arms use (82% and 64% of 3000 steps): the compute-matched baseline.
-GRIDS["matched-3000"] = {f"s3000-steps{n}": dict(S3000, steps=n, arms=()) for n in (2460, 1920)}
+GRIDS["matched-3000"] = {f"s3000-seed{s}-steps{n}": dict(S3000, steps=n, seed=s, arms=())
+                          for s in (0, 1, 2) for n in (2460, 1920)}
 # G_stack trained longer than scratch (25% more steps: 80% of scratch's FLOPs), against scratch's 3000 steps.
 GRIDS["longer-3000"] = {"s3000-gstack50-3750": dict(S3000, steps=3750, arms=("gstack-50",),
                                                     scratch=dict(steps=3000, eval_every=75))}
 GRIDS["seeds-12000"] = {f"s12000-seed{s}": dict(S3000, steps=12000, seed=s) for s in (0, 1, 2)}
+# Scratch's loss as a function of its budget (its cosine decayed over 64%, 82% and 100% of 3000 steps) against the
+# G_stack arms, per seed: how many FLOPs scratch needs for each arm's final loss (the budget table).
+GRIDS["budget-3000"] = {**{f"s3000-seed{s}": dict(S3000, seed=s, arms=("gstack", "gstack-50")) for s in (0, 1, 2)},
+                        **GRIDS["matched-3000"]}
 
 
 def key(cfg: TrainConfig, arm: str) -> str:
@@ -192,6 +197,9 @@ def main(argv=None) -> None:
     if any(SEED.search(name) for name in grid):
         print()
         print(seed_table(summaries))
+    if args.grid == "budget-3000":
+        print()
+        print(budget_table(histories))
 
 
 SEED = re.compile(r"-seed\d+$")
@@ -214,6 +222,33 @@ def seed_table(summaries: dict[str, tuple[float, list[dict]]]) -> str:
         lines.append(f"| {regime} | {arm} | {len(rows)} | {sum(finals) / len(finals):.4f} ({min(finals):.4f}-"
                      f"{max(finals):.4f}) | {rows[0]['flops_share']:.0f}% | {sum(gaps) / len(gaps):+.4f} "
                      f"({min(gaps):+.4f}-{max(gaps):+.4f}) | {savings} |")
+    return "\n".join(lines)
+
+
+def budget_table(histories: dict[tuple[str, str], list]) -> str:
+    """Per seed: scratch's final loss at each budget it was trained for, and for each growing arm the budget scratch
+    needs for the arm's final loss (linear between budgets; ">100%" when no budget reaches it) and the FLOPs saving
+    against that budget."""
+    lines = ["| seed | scratch final at 64% / 82% / 100% of its FLOPs | arm | arm's final (FLOPs share) | scratch "
+             "budget for that loss | FLOPs saving |", "| --- | --- | --- | --- | --- | --- |"]
+    for name in sorted(n for n, arm in histories if SEED.search(n) and arm == "scratch"):
+        full = histories[(name, "scratch")]
+        curve = sorted((h[-1][1] / full[-1][1], h[-1][3]) for (n, arm), h in histories.items()
+                       if arm == "scratch" and n.startswith(name))  # (budget share, final loss), smallest first
+        for (n, arm), h in histories.items():
+            if n != name or arm == "scratch":
+                continue
+            share, loss = h[-1][1] / full[-1][1], h[-1][3]
+            need = next(((b0 + (b1 - b0) * (l0 - loss) / (l0 - l1))
+                         for (b0, l0), (b1, l1) in zip(curve, curve[1:]) if l1 <= loss <= l0), None)
+            if need is None and loss <= curve[-1][1]:
+                need = float("inf")
+            budget = ">100%" if need == float("inf") else "-" if need is None else f"{100 * need:.0f}%"
+            saving = f">= {100 * (1 - share):.0f}%" if need == float("inf") else "-" if need is None else \
+                f"{100 * (1 - share / need):.0f}%"
+            finals = " / ".join(f"{v:.4f}" for _, v in curve)
+            lines.append(f"| {SEED.search(name).group(0)[1:]} | {finals} | {arm} | {loss:.4f} ({100 * share:.0f}%) | "
+                         f"{budget} | {saving} |")
     return "\n".join(lines)
 
 
