@@ -7,10 +7,14 @@
         loss.backward(); opt.step(); opt.zero_grad()
         a.step(opt)
     final = a.export()
+
+    deep = growops.deepen(model, layers=24)   # one function-preserving depth growth (zero-initialised blocks)
+    wide = growops.widen(model, hidden=1024)  # one function-preserving width growth (Net2Net, from the graph)
 """
 
 from .apollo import Apollo, apollo, plan
 from .checkpoint import load_safetensors, save_safetensors
+from .deepening import deepen
 from .errors import GrowopsError, GrowopsTypeError
 from .fx import BlockStack, find_block_stacks, insert_depth_gate, tie_blocks, trace_model
 from .growth import expand_blocks
@@ -19,8 +23,9 @@ from .optim_state import remap_optimizer_state
 from .plan import Plan
 from .recipes import gstack, gstack_growth_tokens, stackbert
 from .schedule import lvps_depth
+from .widening import widen, widen_optimizer_state
 
-__all__ = ["Apollo", "BlockStack", "GrowopsError", "GrowopsTypeError", "Plan", "apollo", "depth_map",
+__all__ = ["Apollo", "BlockStack", "GrowopsError", "GrowopsTypeError", "Plan", "apollo", "deepen", "depth_map",
            "expand_blocks", "find_block_stacks", "growth_sources", "gstack", "gstack_growth_tokens",
            "insert_depth_gate", "load_safetensors", "lvps_depth", "plan", "remap_optimizer_state",
-           "save_safetensors", "stackbert", "tie_blocks", "trace_model"]
+           "save_safetensors", "stackbert", "tie_blocks", "trace_model", "widen", "widen_optimizer_state"]

@@ -87,6 +87,19 @@ class Plan:
 
 def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, example_inputs: Any = None) -> Plan:
     """Analyse `model` without changing it (see the module docstring); raise a GrowopsError naming what is missing."""
+    stacks = find_stacks(model, stack, example_inputs)
+    containers = block_containers(model)
+    leaves = {model.get_submodule(b) for blocks, _ in containers.values() for b in blocks}
+    mode = _probe_mode(model, stacks, leaves, example_inputs)
+    if mode == "graph":
+        _check_graph_mode(model, stacks)
+    return Plan(stacks, mode, (id(model), mode))
+
+
+def find_stacks(model: nn.Module, stack: str | Sequence[str] | None = None,
+                example_inputs: Any = None) -> tuple[BlockStack, ...]:
+    """The block stacks a plan grows (chosen by `stack=` where there are several), with their per-layer values,
+    whatever way the forward reaches them; a GrowopsError naming what is missing."""
     if not isinstance(model, nn.Module):
         raise GrowopsTypeError(f"growops plans an nn.Module, got {type(model).__name__}")
     _refuse_wrapped(model)
@@ -107,10 +120,7 @@ def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, exampl
     if any(not s.path for s in stacks):
         raise GrowopsError(f"{type(model).__name__} is itself the block container: wrap it in a module that holds it "
                            "as an attribute (e.g. self.blocks) and calls it")
-    mode = _probe_mode(model, stacks, leaves, example_inputs)
-    if mode == "graph":
-        _check_graph_mode(model, stacks)
-    return Plan(stacks, mode, (id(model), mode))
+    return stacks
 
 
 def check_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> None:
@@ -154,6 +164,15 @@ def check_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> None
             raise GrowopsError(f"the plan runs {', '.join(plan.paths)} in container mode, but this model's forward "
                                "does not reach its blocks by iterating the container: use growops.plan(model) on this "
                                "model (graph mode)")
+
+
+def refuse_wrapped(model: nn.Module, what: str) -> None:
+    """Raise when `model` is (or holds) a model a growops wrapper manages: `what` (``deepen``, ``widen``) grows a
+    plain model, which ``a.export()`` gives."""
+    wrapped = [name for name, m in model.named_modules() if STACK_ATTR in m.__dict__]
+    if wrapped:
+        raise GrowopsError(f"{wrapped[0] or type(model).__name__} is managed by a growops wrapper, whose blocks run "
+                           f"shared: {what} grows a plain model. Use {what}(a.export(), ...)")
 
 
 def _refuse_wrapped(model: nn.Module) -> None:

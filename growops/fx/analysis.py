@@ -125,6 +125,11 @@ def call_sequence(gm: fx.GraphModule, blocks: tuple[str, ...]) -> list[int]:
     return sequence
 
 
+def block_regions(graph: fx.Graph, blocks: tuple[str, ...]) -> dict[fx.Node, int]:
+    """The index of the block each node of `graph` computes in or reads a weight of, for the nodes that have one."""
+    return _iterations(graph, blocks)[0]
+
+
 def _chain(graph: fx.Graph, blocks: tuple[str, ...], layout: Layout) -> str | None:
     """None if `blocks` are called as a chain in `graph` (see the module docstring), else the reason why not."""
     region, iteration = _iterations(graph, blocks)

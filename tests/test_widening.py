@@ -1,0 +1,336 @@
+"""growops.widen: the same class at a larger width, the same function when widths grow by whole multiples (checked
+on a probe and refused otherwise), copies and splits as the width plan says, optimizer state carried over."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import growops
+from growops.fx.width import DimGrowth
+from growops.widening import grow_width
+from tests.models import IndexLoopNet, SequentialNet, gpt_batch, tiny_gpt
+
+
+def _perturbed(model, scale=0.05, seed=0):
+    """Random weights everywhere (norm weights and zero biases too), so no test passes by an initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(batch["input_ids"]).logits
+
+
+@given(factor=st.integers(2, 3), seed=st.integers(0, 3))
+def test_whole_multiples_preserve_the_gpt(factor, seed):
+    model = _perturbed(tiny_gpt(2, seed=seed), seed=seed)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wide = growops.widen(model, hidden=16 * factor)
+    batch = gpt_batch(seed=seed)
+    assert type(wide) is type(model) and wide.config.n_embd == 16 * factor and wide.config.n_head == 2 * factor
+    assert torch.allclose(_logits(wide, batch), _logits(model, batch), atol=1e-5)
+    assert list(wide.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    assert wide.lm_head.weight is wide.wte.weight  # the tie survives
+
+
+def test_copies_and_splits_follow_the_plan():
+    model = _perturbed(tiny_gpt(2))
+    wide = growops.widen(model, hidden=32)
+    ffn = DimGrowth(64, 128, 16).unit_map()  # 4 pieces of the hidden width, each tiled: 0..15, 0..15, 16..31, ...
+    assert ffn[:32].tolist() == list(range(16)) * 2 and ffn[32:48].tolist() == list(range(16, 32))
+    hid = torch.arange(32) % 16
+    fc_old, fc_new = model.blocks[0].mlp.c_fc.weight, wide.blocks[0].mlp.c_fc.weight  # (64, 16) -> (128, 32)
+    assert torch.allclose(fc_new, fc_old[ffn][:, hid] / 2)  # rows copied, input columns split in halves
+    proj_old, proj_new = model.blocks[0].mlp.c_proj.weight, wide.blocks[0].mlp.c_proj.weight  # (16, 64) -> (32, 128)
+    assert torch.allclose(proj_new, proj_old[hid][:, ffn] / 2)
+    # the fused q|k|v projection is tiled piece by piece: new q rows are old q rows, twice
+    qkv_old, qkv_new = model.blocks[0].attn.c_attn.bias, wide.blocks[0].attn.c_attn.bias  # 48 -> 96
+    for piece in range(3):
+        old = qkv_old[16 * piece:16 * (piece + 1)]
+        assert torch.equal(qkv_new[32 * piece:32 * (piece + 1)], old.repeat(2))
+    # the final norm stands in for the tied head's split: its weight is halved per unit
+    assert torch.allclose(wide.ln_f.weight, model.ln_f.weight.repeat(2) / 2)
+    assert torch.equal(wide.blocks[0].ln_1.weight, model.blocks[0].ln_1.weight.repeat(2))
+
+
+@given(old=st.integers(1, 12), extra=st.integers(0, 30), pieces=st.integers(1, 4))
+def test_unit_maps_tile_piece_by_piece(old, extra, pieces):
+    g = DimGrowth(old * pieces, (old + extra) * pieces, old)
+    m, counts = g.unit_map(), g.counts()
+    assert len(m) == g.new and set(m.tolist()) == set(range(g.old))  # every old unit runs, nothing else
+    for j in range(g.new):  # a new unit of piece p runs a unit of old piece p
+        assert m[j] // old == j // (old + extra)
+    assert int(counts.sum()) == sum(torch.bincount(m).tolist()[u] ** 2 for u in range(g.old))
+    assert g.whole_multiple == (extra % old == 0)
+
+
+def test_other_sizes_are_copies_and_the_output_moves():
+    model = _perturbed(tiny_gpt(2))
+    grown = grow_width(model, hidden=24)
+    assert grown.max_difference > 1e-3  # LayerNorm statistics over a non-uniformly tiled vector change
+    assert "not all whole multiples" in grown.changes[-1]
+    wide = grown.model
+    assert torch.equal(wide.wte.weight[:, 16:], model.wte.weight[:, :8])
+
+
+@dataclasses.dataclass
+class MLPConfig:
+    width: int = 8
+    d_ff: int = 16
+    n_layer: int = 3
+
+
+class NormFreeMLP(nn.Module):
+    """Residual MLP blocks without normalisation: a config model whose function survives any width."""
+
+    def __init__(self, config: MLPConfig):
+        super().__init__()
+        self.config = config
+        self.inp = nn.Linear(4, config.width)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(config.width, config.d_ff), nn.ReLU(),
+                                                   nn.Linear(config.d_ff, config.width))
+                                     for _ in range(config.n_layer)])
+        self.out = nn.Linear(config.width, 3)
+
+    @property
+    def dummy_inputs(self):
+        return (torch.randn(5, 4, generator=torch.Generator().manual_seed(0)),)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+@given(hidden=st.integers(8, 20), ffn=st.integers(16, 40))
+def test_any_size_preserves_a_model_without_normalisation(hidden, ffn):
+    torch.manual_seed(0)
+    model = NormFreeMLP(MLPConfig())
+    grown = grow_width(model, hidden=hidden, ffn=ffn)
+    x = torch.randn(7, 4)
+    assert grown.max_difference < 1e-5
+    assert torch.allclose(grown.model(x), model(x), atol=1e-5)
+    assert grown.model.blocks[0][0].weight.shape == (ffn, hidden)
+
+
+def test_noise_breaks_the_symmetry_of_duplicated_units():
+    def trained(noise):
+        wide = growops.widen(_perturbed(tiny_gpt(2)), hidden=32, noise=noise)
+        opt = torch.optim.SGD(wide.parameters(), lr=0.5)
+        wide.train()
+        for s in range(3):
+            wide(**gpt_batch(seed=s)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        w = wide.blocks[0].mlp.c_fc.weight.detach()
+        m = DimGrowth(64, 128, 16).unit_map()
+        twins = [(m == u).nonzero().flatten().tolist() for u in range(64)]  # rows that start as copies of one row
+        return max(float((w[a] - w[b]).abs().max()) for a, b in twins)
+
+    assert trained(0.0) < 1e-6 < 1e-3 < trained(1e-2)
+
+
+def test_optimizer_state_is_widened_like_the_weights():
+    model = _perturbed(tiny_gpt(2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for s in range(2):
+        model(**gpt_batch(seed=s)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    wide = growops.widen(model, hidden=32)
+    wide_opt = torch.optim.AdamW(wide.parameters(), lr=1e-3)
+    growops.widen_optimizer_state(opt, model, wide, wide_opt)
+    old, new = opt.state[model.blocks[0].mlp.c_proj.weight], wide_opt.state[wide.blocks[0].mlp.c_proj.weight]
+    hid, ffn = torch.arange(32) % 16, DimGrowth(64, 128, 16).unit_map()
+    assert torch.allclose(new["exp_avg"], old["exp_avg"][hid][:, ffn] / 2)  # split like the weight
+    assert torch.allclose(new["exp_avg_sq"], old["exp_avg_sq"][hid][:, ffn] / 4)
+    assert torch.equal(wide_opt.state[wide.blocks[0].ln_1.weight]["exp_avg"], opt.state[model.blocks[0].ln_1.weight]
+                       ["exp_avg"][hid])  # copied
+    assert float(new["step"]) == float(old["step"]) == 2.0
+    assert new["exp_avg"] is not old["exp_avg"]
+    wide(**gpt_batch()).loss.backward()
+    wide_opt.step()  # a consistent state steps
+
+    growops.widen_optimizer_state(opt, model, wide, wide_opt, policy="reset")
+    assert wide.blocks[0].mlp.c_proj.weight not in wide_opt.state
+
+
+def test_optimizer_state_refuses_models_that_do_not_match():
+    model = tiny_gpt(2)
+    wide = growops.widen(model, hidden=32)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(growops.GrowopsError, match="widened model's parameters"):
+        growops.widen_optimizer_state(opt, model, wide, opt)
+    with pytest.raises(growops.GrowopsError, match="carries the width plan"):
+        growops.widen_optimizer_state(opt, model, tiny_gpt(2), opt)
+    with pytest.raises(growops.GrowopsError, match="unknown policy"):
+        growops.widen_optimizer_state(opt, model, wide, torch.optim.AdamW(wide.parameters()), policy="copy")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(hidden=8), "widen grows"),
+    (dict(hidden=32, heads=2), "would change the head size"),
+    (dict(hidden=20), "not a multiple of GPT.s head size 8"),
+    (dict(hidden=32, ffn=256), "derives its FFN size"),
+    (dict(hidden=32, noise=-1.0), "noise must be"),
+])
+def test_bad_sizes_are_refused(kwargs, match):
+    with pytest.raises(growops.GrowopsError, match=match):
+        growops.widen(tiny_gpt(2), **kwargs)
+
+
+@pytest.mark.parametrize("make", [lambda: IndexLoopNet(3), lambda: SequentialNet(3)])
+@given(factor=st.integers(2, 3))
+def test_models_without_a_config_grow_the_width_tied_to_their_blocks(make, factor):
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(5, 4)
+    grown = grow_width(model, hidden=8 * factor, example_inputs=(x,))
+    wide = grown.model
+    assert type(wide) is type(model) and list(wide.state_dict()) == list(model.state_dict())
+    assert torch.allclose(wide(x), model(x), atol=1e-5)
+    assert wide.inp.weight.shape == (8 * factor, 4) and wide.inp.out_features == 8 * factor
+    assert wide.out.weight.shape == (3, 8 * factor) and wide.out.in_features == 8 * factor
+    assert model.inp.weight.shape == (8, 4)  # untouched
+
+
+@dataclasses.dataclass
+class OddConfig:
+    width: int = 8
+    d_ff: int = 16
+    n_layer: int = 3
+    n_head: object = None
+    hidden_size: int = 8  # looked for before `width`, and the model ignores it
+
+
+class IgnoresHiddenSize(NormFreeMLP):
+    def __init__(self, config: OddConfig):
+        super().__init__(MLPConfig(config.width, config.d_ff, config.n_layer))
+        self.config = config
+
+
+def test_config_fields_that_do_not_size_the_model_are_refused():
+    with pytest.raises(growops.GrowopsError, match="same tensors as before"):
+        growops.widen(IgnoresHiddenSize(OddConfig()), hidden=16)
+    with pytest.raises(growops.GrowopsError, match="not one head count"):
+        growops.widen(IgnoresHiddenSize(OddConfig(n_head=[2, 4])), hidden=16)
+
+
+def test_a_model_without_a_config_grows_its_hidden_width_only():
+    with pytest.raises(growops.GrowopsError, match="hidden width only"):
+        growops.widen(IndexLoopNet(), hidden=16, ffn=32, example_inputs=(torch.randn(2, 4),))
+    with pytest.raises(growops.GrowopsError, match="needs an input"):
+        growops.widen(IndexLoopNet(), hidden=16)
+
+
+def test_attention_widths_behind_a_reshape_stay():
+    """A config-less attention model: q/k/v and heads are behind unflatten, which the groups do not follow, so only
+    the residual width grows and attention is untouched."""
+    class NoConfigGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = tiny_gpt(2)
+
+        @property
+        def dummy_inputs(self):
+            return (gpt_batch()["input_ids"],)
+
+        def forward(self, ids):
+            return self.gpt(ids).logits
+
+    model = _perturbed(NoConfigGPT())
+    wide = growops.widen(model, hidden=32)
+    ids = gpt_batch()["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(wide(ids), model(ids), atol=1e-5)
+    assert wide.gpt.blocks[0].attn.c_attn.weight.shape == (48, 32)  # input grows, the heads' width stays
+    assert wide.gpt.blocks[0].attn.c_proj.weight.shape == (32, 16)
+
+
+class Ramped(NormFreeMLP):
+    """Scales its hidden units by a ramp computed from the width: a value the plan does not see. (A roll or a flip of
+    the units would not do: tiling commutes with them.)"""
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h * torch.linspace(0.5, 1.5, h.shape[-1])
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+def test_a_function_the_plan_cannot_follow_is_refused_by_the_probe():
+    model = _perturbed(Ramped(MLPConfig()), scale=0.5)
+    with pytest.raises(growops.GrowopsError, match="changed its output"):
+        growops.widen(model, hidden=16)
+
+
+# ---------------------------------------------------------------- Hugging Face models
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def _hf(name):
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, bos_token_id=0, eos_token_id=0)
+    if name == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32,
+                                                                    **common))
+    if name == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
+            pad_token_id=0, **common))
+    return transformers.BertForMaskedLM(transformers.BertConfig(num_hidden_layers=2, hidden_size=16,
+                                                                num_attention_heads=2, intermediate_size=32,
+                                                                vocab_size=64, max_position_embeddings=32))
+
+
+@pytest.mark.parametrize("name, kwargs", [("gpt2", dict(hidden=32)), ("gpt2", dict(hidden=32, ffn=128)),
+                                          ("llama", dict(hidden=32, ffn=64)), ("bert", dict(hidden=48, ffn=96))])
+def test_hf_models_keep_their_function_and_round_trip(name, kwargs, tmp_path):
+    model = _perturbed(_hf(name))
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    wide = growops.widen(model, **kwargs)
+    assert type(wide) is type(model) and wide.config.hidden_size == kwargs["hidden"]
+    assert list(wide.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.allclose(wide(ids).logits, expected, atol=1e-5)
+        wide.save_pretrained(tmp_path)
+        loaded = type(model).from_pretrained(tmp_path).eval()
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
+    assert model.config.hidden_size == 16
+
+
+def test_widen_then_deepen():
+    model = _perturbed(_hf("llama"))
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    grown = growops.deepen(growops.widen(model, hidden=32), layers=4)
+    with torch.no_grad():
+        assert torch.allclose(grown(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_a_base_model_whose_output_is_the_hidden_state():
+    """LlamaModel returns last_hidden_state, which widening widens: it is compared on its leading (copied) units."""
+    torch.manual_seed(0)
+    model = _perturbed(transformers.LlamaModel(transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
+        vocab_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)))
+    grown = grow_width(model, hidden=32)
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        old, new = model(ids).last_hidden_state, grown.model(ids).last_hidden_state
+    assert grown.max_difference < 1e-5 and new.shape[-1] == 32
+    assert torch.allclose(new[..., :16], old, atol=1e-5) and torch.allclose(new[..., 16:], old, atol=1e-5)
