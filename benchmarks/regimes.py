@@ -119,6 +119,9 @@ GRIDS["matched-3000"] = {f"s3000-seed{s}-steps{n}": dict(S3000, steps=n, seed=s,
 GRIDS["longer-3000"] = {"s3000-gstack50-3750": dict(S3000, steps=3750, arms=("gstack-50",),
                                                     scratch=dict(steps=3000, eval_every=75))}
 GRIDS["seeds-12000"] = {f"s12000-seed{s}": dict(S3000, steps=12000, seed=s) for s in (0, 1, 2)}
+# Width and depth grown once (issue 12) against the best depth-only recipe, three seeds.
+GRIDS["wd-3000"] = {f"s3000-seed{s}": dict(S3000, seed=s, arms=("gstack", "grow-wd", "grow-wd-50", "grow-wd-0",
+                                                                 "grow-wd-50-0")) for s in (0, 1, 2)}
 # Scratch's loss as a function of its budget (its cosine decayed over 64%, 82% and 100% of 3000 steps) against the
 # G_stack arms, per seed: how many FLOPs scratch needs for each arm's final loss (the budget table).
 GRIDS["budget-3000"] = {**{f"s3000-seed{s}": dict(S3000, seed=s, arms=("gstack", "gstack-50")) for s in (0, 1, 2)},

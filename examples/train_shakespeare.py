@@ -96,6 +96,13 @@ ARMS: dict[str, dict | None] = {
     "gstack-50": dict(recipe="gstack", factor=4, grow_at=0.50),
     "gstack-rewarm": dict(recipe="gstack", factor=4, grow_at=0.25, rewarmup=50),
     "gstack-lvps": dict(stages=(3, 12), stage_fractions=(0.25,), sampler="lvps", growth="stack"),  # LVPS, then stack
+    # Width and depth (growops.widen, then growops.deepen by stacking), once: a model of a quarter of the blocks at
+    # half the width (heads of the same size) until grow_at, then the full model; Adam moments carried over. Widening
+    # duplicates units, which train identically unless noise breaks their symmetry (-0: none, the width is wasted).
+    "grow-wd": dict(recipe="grow", depth=0.25, width=0.5, grow_at=0.25, noise=1e-2),
+    "grow-wd-50": dict(recipe="grow", depth=0.25, width=0.5, grow_at=0.50, noise=1e-2),
+    "grow-wd-0": dict(recipe="grow", depth=0.25, width=0.5, grow_at=0.25, noise=0.0),
+    "grow-wd-50-0": dict(recipe="grow", depth=0.25, width=0.5, grow_at=0.50, noise=0.0),
 }
 
 
@@ -144,6 +151,11 @@ def build(arm: str, cfg: TrainConfig, init_state: dict, device: torch.device) ->
     if ARMS[arm] is None:
         return model
     kwargs = {"optimizer_state": cfg.optimizer_state, "seed": cfg.seed, **ARMS[arm]}
+    if kwargs.get("recipe") == "grow":
+        torch.manual_seed(cfg.seed)  # the small model has shapes of its own: its own initialisation
+        small = GPTConfig(n_layer=round(cfg.n_layer * kwargs["depth"]), n_embd=round(cfg.n_embd * kwargs["width"]),
+                          n_head=max(1, round(cfg.n_head * kwargs["width"])), block_size=cfg.block_size)
+        return GPT(small).to(device)
     if kwargs.pop("recipe", None) == "gstack":
         return growops.gstack(model, grow_step=max(1, round(kwargs.pop("grow_at") * cfg.steps)), **kwargs)
     stages = kwargs.pop("stages", cfg.stages)
@@ -175,6 +187,32 @@ class Arm:
                                     torch.bfloat16 if cfg.bf16 else None)
         self.history: list[report.Row] = []
         self.flops = self.seconds = 0.0
+        options = ARMS[name] or {}
+        self.grow_step = round(options["grow_at"] * cfg.steps) if options.get("recipe") == "grow" else None
+        self.sample = {k: v.to(device) for k, v in sample.items()}
+
+    def grow(self) -> None:
+        """The "grow" recipe's one growth: widen to the full width, deepen to the full depth by stacking (the
+        function is preserved by the widening, not by the stacking), and carry the Adam moments over (widened like
+        the weights; a stacked copy takes its source block's)."""
+        cfg, small = self.cfg, self.model
+        wide = growops.widen(small, hidden=cfg.n_embd, noise=ARMS[self.name]["noise"], seed=cfg.seed)
+        deep = growops.deepen(wide, layers=cfg.n_layer, method="stack")
+        new_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,  # noqa: E731
+                                              betas=(0.9, 0.95), fused=cfg.fused_adamw or None)
+        wide_opt, deep_opt = new_opt(wide), new_opt(deep)
+        growops.widen_optimizer_state(self.opt, small, wide, wide_opt)
+        sources = growops.growth_sources(len(wide.blocks), len(deep.blocks), "stack")
+        held = dict(wide.named_parameters())
+        for name, p in deep.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "blocks":
+                parts[1] = str(sources[int(parts[1])])
+            state = wide_opt.state.get(held[".".join(parts)])
+            if state:
+                deep_opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        self.model, self.opt = deep, deep_opt
+        self.step_flops = StepFlops(deep, self.sample, torch.bfloat16 if cfg.bf16 else None)
 
     def evaluate(self, step: int, val: list[dict]) -> None:
         self.history.append((step, self.flops, self.seconds, evaluate(self.model, val, self.cfg, self.device)))
@@ -182,7 +220,12 @@ class Arm:
     def train_step(self, step: int) -> None:
         """One optimizer step; only the step itself is timed (not data loading, FLOP counting or evaluation)."""
         cfg, apollo = self.cfg, self.apollo
-        key = (apollo.unique_layers, apollo.depth) if apollo else (cfg.n_layer, cfg.n_layer)
+        if step == self.grow_step:
+            start = time.perf_counter()
+            self.grow()
+            self.seconds += time.perf_counter() - start
+        depth = len(self.model.blocks) if apollo is None else None
+        key = (apollo.unique_layers, apollo.depth) if apollo else (depth, depth)
         self.flops += self.step_flops(*key)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in self.batches.next().items()}
         self.model.train()

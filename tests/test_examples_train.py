@@ -17,3 +17,21 @@ def test_main_job_smoke(tmp_path, monkeypatch):
     assert growing.match(result["headline"]), result["headline"]
     assert (tmp_path / "runs" / "smoke" / "results.md").exists()
     assert result["table"].count("\n- ") == 4  # a verdict per growing arm
+
+
+def test_the_width_and_depth_arm_grows_once_and_keeps_its_moments():
+    """grow-wd: 3 blocks of width 16 until its growth step, then the 12 x 32 model, Adam moments carried over."""
+    import torch
+
+    cfg = train_shakespeare.TrainConfig(steps=8, eval_every=4, eval_batches=1, batch_size=2, block_size=16)
+    ids = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0))
+    init = train_shakespeare.GPT(train_shakespeare.GPTConfig(n_layer=12, n_embd=32, n_head=2, block_size=16))
+    arm = train_shakespeare.Arm("grow-wd", cfg, init.state_dict(), ids, torch.device("cpu"))
+    assert (len(arm.model.blocks), arm.model.config.n_embd, arm.model.config.n_head) == (3, 16, 1)
+    for step in range(arm.grow_step):
+        arm.train_step(step)
+    small_block = arm.opt.state[arm.model.blocks[1].mlp.c_fc.weight]["exp_avg"].clone()
+    arm.train_step(arm.grow_step)
+    assert (len(arm.model.blocks), arm.model.config.n_embd, arm.model.config.n_head) == (12, 32, 2)
+    assert arm.opt.state[arm.model.blocks[4].mlp.c_fc.weight]["step"] == arm.grow_step + 1  # block 4 copies block 1
+    assert small_block.abs().sum() > 0
