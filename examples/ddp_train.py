@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -79,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"step {step:3d} loss {loss.item():.4f} stage {a.stage} unique {config[0]} depth {config[1]}")
     if rank == 0:
         print(f"ok: {dist.get_world_size()} ranks, {steps} steps, {a.stage} growths, ranks agreed at every step")
-    dist.barrier()  # let every rank finish its collectives before the group goes away
-    dist.destroy_process_group()
+    _teardown()
 
 
 def _gather(value: torch.Tensor) -> list[torch.Tensor]:
@@ -150,8 +150,21 @@ def main_fsdp2(args) -> None:
     if rank == 0:
         print(f"ok: FSDP2 on {dist.get_world_size()} ranks, {args.steps} steps, {a.stage} growths"
               + (", losses equal an unsharded replica's (and gradients, on the global batch)" if args.check else ""))
+    _teardown()
+
+
+def _teardown(timeout_s: float = 30.0) -> None:
+    """Barrier, then destroy the process group; if gloo's teardown does not return (it can hang in
+    destroy_process_group after the other rank has left), say so and exit: the work is done and checked."""
     dist.barrier()  # let every rank finish its collectives before the group goes away
-    dist.destroy_process_group()
+    done = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        print(f"warning: destroy_process_group did not return within {timeout_s:.0f} s; exiting", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

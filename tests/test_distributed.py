@@ -53,9 +53,9 @@ def _cpu_seconds(pid: int) -> float | None:
 
 def _run_two_ranks(*args: str, stall_s: float = STALL_S, cap_s: float = CAP_S) -> tuple[bool, list[int | None],
                                                                                          list[str]]:
-    """Start ``python *args`` as ranks 0 and 1; return (timed_out, return codes, outputs). They time out when neither
-    rank has used CPU or written output for `stall_s` (a hang: a deadlocked rendezvous uses no CPU), or after `cap_s`
-    in all; a loaded machine that only makes them slow does not fail them."""
+    """Start ``python *args`` as ranks 0 and 1; return (timed_out, return codes, outputs). They time out when for
+    `stall_s` neither rank has written output, exited or used CPU at a working rate (a hang: a deadlocked rendezvous
+    or teardown only polls), or after `cap_s` in all; a loaded machine that only makes them slow does not fail them."""
     env_common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
                   "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     logs, procs = [], []
@@ -68,15 +68,18 @@ def _run_two_ranks(*args: str, stall_s: float = STALL_S, cap_s: float = CAP_S) -
                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                           start_new_session=True))
         start = last_progress = time.monotonic()
-        seen: tuple = ()
+        cpu_then, sizes_then, alive_then = 0.0, (), 2
         timed_out = False
         while any(p.poll() is None for p in procs):
             time.sleep(0.5)
             now = time.monotonic()
-            state = (tuple(_cpu_seconds(p.pid) for p in procs if p.poll() is None),
-                     tuple(os.path.getsize(log.name) for log in logs))
-            if state != seen:
-                seen, last_progress = state, now
+            live = [p for p in procs if p.poll() is None]
+            cpu = sum(c for c in (_cpu_seconds(p.pid) for p in live) if c is not None)
+            sizes = tuple(os.path.getsize(log.name) for log in logs)
+            # Progress: new output, a rank exiting, or CPU used at a working rate (a rank stuck in gloo's teardown
+            # polls its sockets at well under 10% of a core; a slow rank on a loaded machine uses more).
+            if sizes != sizes_then or len(live) != alive_then or cpu - cpu_then >= 0.1 * (now - last_progress) + 0.5:
+                cpu_then, sizes_then, alive_then, last_progress = cpu, sizes, len(live), now
             if now - last_progress > stall_s or now - start > cap_s:
                 timed_out = True
                 break
