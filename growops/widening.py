@@ -31,7 +31,7 @@ from .errors import GrowopsError, GrowopsTypeError, check_int
 from .fx.analysis import block_regions
 from .fx.residual import _hidden_output
 from .fx.trace import _candidate_inputs, example_inputs_for, first_line, trace_model
-from .fx.width import ParamWidth, _shape, dim_growths, group_growths, width_groups, width_plan
+from .fx.width import ParamWidth, _named_tensors, _shape, dim_growths, group_growths, width_groups, width_plan
 from .integrations.hf_inputs import is_hf_model
 from .plan import find_stacks, refuse_wrapped
 
@@ -109,7 +109,7 @@ def _widen_by_config(model: nn.Module, hidden: int, ffn: int | None, heads: int 
     except Exception as e:  # noqa: BLE001 - a config the class cannot build at these sizes: say so
         raise GrowopsError(f"cannot build {type(model).__name__} at the new sizes ({'; '.join(changes)}): "
                            f"{first_line(e)}") from None
-    old_tensors, new_tensors = _tensors(model), _tensors(new)
+    old_tensors, new_tensors = _named_tensors(model), _named_tensors(new)
     if set(old_tensors) != set(new_tensors):
         extra = sorted(set(old_tensors) ^ set(new_tensors))[:4]
         raise GrowopsError(f"{type(model).__name__} built at the new sizes has other tensors than the model "
@@ -170,7 +170,7 @@ def _widen_by_graph(model: nn.Module, hidden: int, ffn: int | None, heads: int |
     anchor = (outputs[0], len(shape) - 1)
     for node in outputs[1:] + (list(inputs) if len(inputs) == 1 else []):
         groups.union((node, len(shape) - 1), anchor)
-    tensors = _tensors(model)
+    tensors = _named_tensors(model)
     growths = group_growths(groups, tensors, anchor, hidden)
     plan = width_plan(gm, model, growths)
     new = copy.deepcopy(model)
@@ -238,11 +238,6 @@ class _Recorder(fx.Interpreter):
         if isinstance(result, torch.Tensor):
             n.meta["val"] = result
         return result
-
-
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {**dict(model.named_parameters(remove_duplicate=False)),
-            **dict(model.named_buffers(remove_duplicate=False))}
 
 
 def _filled(entry: ParamWidth, old: torch.Tensor) -> torch.Tensor:
