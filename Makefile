@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.growops-installed
 
-.PHONY: test demo clean
+.PHONY: test demo mutation clean
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,5 +25,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m examples.train_shakespeare
 
+# Mutation testing (slow, not part of `make test`): every mutant of growops/, or MUTANTS='growops.maps.* ...'.
+MUTANTS ?=
+mutation: $(STAMP)
+	$(BIN)/python -m pip install -q mutmut==3.8.1
+	$(BIN)/python -m benchmarks.mutation run $(foreach m,$(MUTANTS),'$(m)')
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs .pytest_cache .hypothesis mutants

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
+
+import torch
 
 from .apollo import Apollo
 from .errors import GrowopsError, GrowopsTypeError
@@ -35,6 +38,8 @@ def save_safetensors(a: Apollo, path: str | Path) -> None:
         raise GrowopsError(f"save_safetensors: the folder of {path} does not exist; create it first")
     state = a.state_dict()
     schedule = state.pop(EXTRA)
+    # Identical views of one storage are saved once and restored as aliases; other tensors that share memory (a
+    # slice or a dtype view of another) are saved as copies, since safetensors refuses overlapping tensors.
     tensors, aliases, first = {}, {}, {}
     for name, tensor in state.items():
         where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
@@ -43,7 +48,10 @@ def save_safetensors(a: Apollo, path: str | Path) -> None:
             aliases[name] = first[where]
             continue
         first[where] = name
-        tensors[name] = tensor.contiguous()
+        tensors[name] = tensor
+    shared = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
+    tensors = {name: t.clone(memory_format=torch.contiguous_format) if shared[t.untyped_storage().data_ptr()] > 1
+               else t.contiguous() for name, t in tensors.items()}
     save_file(tensors, str(path), metadata={"growops": json.dumps(schedule), "aliases": json.dumps(aliases)})
 
 

@@ -79,7 +79,7 @@ class StepRate:
         return notes
 
     def __getstate__(self) -> dict:
-        return {"steps": None, "warned": self.warned}  # optimizers are not part of the model
+        return {"warned": self.warned}  # the optimizers it counts are not part of the model
 
     def __setstate__(self, state: dict) -> None:
         self.steps, self.warned = weakref.WeakKeyDictionary(), state["warned"]

@@ -46,7 +46,7 @@ def stackbert(model: nn.Module, stage_steps, stages=None, **options) -> Apollo:
     """Progressive stacking: each stage doubles the unique blocks by stacking them (StackBERT: 3, 6, 12 for a
     12-layer BERT), running only the unique blocks. `stages` defaults to L/4, L/2, L; `stage_steps` gives the step at
     which each later stage begins. `options` are ``growops.apollo``'s other arguments."""
-    _refuse_fixed(options, "stackbert", allowed=("stages",))
+    _refuse_fixed(options, "stackbert")
     if stages is None:
         layers = _layers(model, options)
         if layers % 4:
@@ -66,8 +66,8 @@ def gstack_growth_tokens(parameters: float, flops: float) -> float:
     return 10 ** (0.88 * math.log10(parameters) + 163.27 / math.log10(flops) - 5.74)
 
 
-def _refuse_fixed(options: dict, recipe: str, allowed: tuple[str, ...] = ()) -> None:
-    fixed = [k for k in FIXED if k in options and k not in allowed]
+def _refuse_fixed(options: dict, recipe: str) -> None:
+    fixed = [k for k in FIXED if k in options]
     if fixed:
         raise GrowopsError(f"{recipe} chooses {', '.join(fixed)} itself: use growops.apollo(...) to set "
                            f"{'them' if len(fixed) > 1 else 'it'}")

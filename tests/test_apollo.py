@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -426,14 +426,81 @@ def test_save_and_load_the_whole_wrapper(make, tmp_path):
     assert b.unique_layers == 4 and a.unique_layers == 2  # the copy has its own schedule
 
 
+def test_export_after_stack_growth_in_graph_mode_equals_full_depth_with_original_class_and_keys():
+    """Graph mode, growth="stack": position i of the export copies unit i % unique (not i * unique // L)."""
+    torch.manual_seed(0)
+    model = IndexLoopNet(4)
+    keys = list(model.state_dict())
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(3,), growth="stack", sampler="full")
+    assert a.mode == "graph"
+    opt = torch.optim.SGD(a.parameters(), lr=0.5)
+    x = torch.randn(3, 4)
+    for steps, unique in [(2, 2), (3, 4)]:  # before the growth (maps 0, 1, 0, 1), then one step after it
+        train_steps(a, opt, steps, lambda m, step: _loop_loss(m, torch.randn(3, 4)))
+        assert a.unique_layers == unique
+        a.eval()
+        exported = a.export().eval()
+        assert type(exported) is IndexLoopNet and list(exported.state_dict()) == keys
+        torch.testing.assert_close(exported(x), a(x), rtol=0, atol=1e-6)
+        a.train()
+
+
+class _BufferBlock(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.norm = nn.BatchNorm1d(width)
+        self.register_buffer("shift", torch.zeros(width))
+
+    def forward(self, x):
+        return x + torch.tanh(self.norm(self.fc(x))) + self.shift
+
+
+class _BufferNet(nn.Module):
+    def __init__(self, n_layer=4):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.layers = nn.ModuleList([_BufferBlock() for _ in range(n_layer)])
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.layers:
+            h = block(h)
+        return h
+
+
+@pytest.mark.parametrize("growth, sources", [("interpolate", (0, 0, 1, 1)), ("stack", (0, 1, 0, 1))])
+def test_growth_copies_buffers_and_running_statistics_from_the_source(growth, sources):
+    """Buffers equal at wrapping (so not per-layer values) but changed since are copied with the weights."""
+    model = _BufferNet(4)
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), growth=growth, optimizer_state="keep")
+    assert not a.plan.stacks[0].per_layer_values
+    with torch.no_grad():
+        for j, block in enumerate(model.layers):
+            block.shift.fill_(j + 1)
+            block.norm.running_mean.fill_(10 * (j + 1))
+            block.norm.running_var.fill_(j + 2)
+            block.norm.num_batches_tracked.fill_(100 + j)
+    before = [{k: v.clone() for k, v in b.state_dict().items()} for b in model.layers]
+    a.step()
+    assert a.unique_layers == 4
+    for j, s in enumerate(sources):
+        got = model.layers[j].state_dict()
+        assert all(torch.equal(got[k], before[s][k]) for k in before[s]), (j, s)
+
+
 @pytest.mark.filterwarnings("ignore:growops. stages")
-@given(st.integers(2, 6), st.integers(0, 3), st.sampled_from(["interpolate", "stack"]))
+@settings(max_examples=12)  # each example trains: keep the test to a few seconds
+@given(st.integers(2, 6), st.integers(0, 4), st.sampled_from(["interpolate", "stack"]))
 def test_export_equals_full_depth_property(layers, steps, growth):
-    stages = tuple(sorted({1, max(1, layers // 2), layers}))
-    a = growops.apollo(IndexLoopNet(layers), stages=stages, stage_steps=tuple(range(1, len(stages))),
-                       growth=growth, optimizer_state="keep")
-    for _ in range(steps):
-        a.step()
+    """Blocks differ (each starts with its own weights, and training after a growth separates a copy from its
+    source), so the export equals the wrapper only if every position copies the unit it runs."""
+    stages = tuple(sorted({2, (layers + 2) // 2, layers}))
+    torch.manual_seed(layers)
+    a = growops.apollo(IndexLoopNet(layers), stages=stages, stage_steps=(2, 4)[:len(stages) - 1], growth=growth,
+                       optimizer_state="keep", sampler="full")
+    opt = torch.optim.SGD(a.parameters(), lr=0.5)
+    train_steps(a, opt, steps, lambda m, step: _loop_loss(m, torch.randn(3, 4)))
     a.eval()
     exported = a.export().eval()
     x = torch.randn(3, 4)

@@ -28,3 +28,20 @@ def test_overhead_benchmark_smoke():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| eager")]
     assert len(rows) == 7  # (1, 1), (1, 12), (3, 3), (3, 12), (6, 6), (6, 12), (12, 12)
+
+
+def test_mutation_report_tells_message_wording_from_code():
+    """benchmarks/mutation.py: a survivor that only rewords an error is told apart from one that changes code."""
+    from benchmarks.mutation import message_only
+
+    def diff(old, new):
+        return f"--- growops/recipes.py\n+++ growops/recipes.py\n@@ -1,3 +1,3 @@\n-{old}\n+{new}\n"
+
+    message = '        raise GrowopsError(f"gstack_growth_tokens needs parameters > 1 and flops > 10, got {flops}")'
+    name = "growops.recipes.x_gstack_growth_tokens__mutmut_99"
+    assert message_only(name, diff(message, message.replace("needs", "XXneeds")))  # f-string: only its text
+    assert not message_only(name, diff(message, '        raise GrowopsError(None)'))
+    condition = "    if parameters <= 1 or flops <= 10:"
+    assert not message_only(name, diff(condition, condition.replace("<= 1", "< 1")))
+    key = '    if options.get("plan") is None:'
+    assert not message_only("growops.recipes.x__layers__mutmut_99", diff(key, key.replace('"plan"', '"XXplanXX"')))

@@ -117,10 +117,45 @@ def test_param_groups_keep_the_users_options_and_split_by_unit():
     block1 = {id(p) for p in a.model.blocks[1].parameters()}
     assert all(g["growops_unit"] == 1 for g in groups if id(g["params"][0]) in block1)
     torch.optim.AdamW(groups, lr=0.01)  # a valid optimizer spec
-    with pytest.raises(GrowopsTypeError):
+    with pytest.raises(GrowopsTypeError, match="param_groups takes parameters or dicts with 'params', not a mix"):
         a.param_groups([decay[0], {"params": no_decay}])
-    with pytest.raises(GrowopsTypeError):
+    with pytest.raises(GrowopsTypeError, match="param_groups takes parameters or dicts with 'params', got int"):
         a.param_groups(123)
+    with pytest.raises(GrowopsError, match="param_groups got no parameters"):
+        a.param_groups([])
+    with pytest.raises(GrowopsError, match=r"a parameter group needs a 'params' entry, got keys \['lr'\]"):
+        a.param_groups([{"lr": 0.1}])
+
+
+def test_param_groups_take_one_parameter_or_one_group_and_name_the_rest_by_rest():
+    a = growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(2,), lr_scale="linear")
+    head, block = a.model.lm_head.weight, a.model.blocks[1].mlp.c_fc.weight
+
+    def summary(groups):
+        return [({k: v for k, v in g.items() if k != "params"}, [id(p) for p in g["params"]]) for g in groups]
+
+    assert summary(a.param_groups(head)) == [({"growops_unit": REST}, [id(head)])]
+    assert summary(a.param_groups({"params": block, "lr": 0.1})) == [({"lr": 0.1, "growops_unit": 1}, [id(block)])]
+    assert summary(a.param_groups([head, block])) == [({"growops_unit": REST}, [id(head)]),
+                                                      ({"growops_unit": 1}, [id(block)])]
+
+
+def test_the_scaling_hooks_are_installed_once_for_every_wrapper(monkeypatch):
+    """Global optimizer hooks, installed by the first wrapper that scales and never twice."""
+    from collections import OrderedDict
+
+    import torch.optim.optimizer as optimizer_module
+
+    from growops import lr
+
+    monkeypatch.setattr(lr, "_hooks_installed", False)
+    monkeypatch.setattr(optimizer_module, "_global_optimizer_pre_hooks", OrderedDict())
+    monkeypatch.setattr(optimizer_module, "_global_optimizer_post_hooks", OrderedDict())
+    for _ in range(2):
+        growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(2,), lr_scale="linear")
+    assert lr._hooks_installed is True
+    assert list(optimizer_module._global_optimizer_pre_hooks.values()) == [lr._scale_lrs]
+    assert list(optimizer_module._global_optimizer_post_hooks.values()) == [lr._restore_lrs]
 
 
 def test_bad_options_are_refused():
@@ -187,3 +222,27 @@ def test_uses_sum_to_depth_and_multipliers_follow_them(unique, extra, power):
     p = growops.lr.LR_SCALES[power]
     for u in uses:
         assert math.isclose(growops.lr.scale(u, p) * u ** p, 1.0)
+
+
+def test_a_group_over_two_units_or_two_wrappers_is_refused_naming_what_it_mixes():
+    a = growops.apollo(tiny_gpt(4), stages=(4,), stage_steps=(), lr_scale="linear")
+    b = growops.apollo(tiny_gpt(4), stages=(4,), stage_steps=(), lr_scale="linear")
+    two_units = [*a.model.blocks[0].parameters(), *a.model.blocks[1].parameters()]
+    two_wrappers = [*a.model.blocks[0].parameters(), *b.model.blocks[0].parameters()]
+    for params, what in [(two_units, r"parameters of units \[0, 1\]"),
+                         (two_wrappers, "parameters of several wrapped models")]:
+        opt = torch.optim.SGD(params, lr=0.01)
+        with pytest.raises(GrowopsError, match=f"optimizer parameter group 0 holds {what}"):
+            opt.step()
+
+
+def test_groups_after_a_group_of_foreign_parameters_are_still_scaled():
+    a = growops.apollo(tiny_gpt(4), stages=(1, 4), stage_steps=(2,), lr_scale="linear", sampler="full")
+    foreign = torch.nn.Parameter(torch.zeros(3))  # not the model's: its group is left alone
+    opt = torch.optim.SGD([{"params": [foreign]}, *a.param_groups()], lr=0.01)
+    seen = record(opt)
+    loss(a).backward()
+    opt.step()
+    assert seen[0][0] == 0.01
+    assert seen[0][1:] == pytest.approx([0.01 * expected(a, g) for g in opt.param_groups[1:]])
+    assert any(expected(a, g) != 1.0 for g in opt.param_groups[1:])

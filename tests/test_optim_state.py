@@ -1,6 +1,8 @@
+import copy
+
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from growops import GrowopsError
@@ -99,3 +101,40 @@ def test_a_parameter_tied_across_blocks_keeps_its_state_while_an_unchanged_block
     remap_optimizer_state(opt, list(model.layers), growth_sources(2, 4), "reset")
     assert torch.equal(_state(opt, gate)["exp_avg"], before["exp_avg"])  # block 0 is unchanged and holds it
     assert not opt.state.get(model.layers[2].fc.weight)  # an ordinary changed parameter is reset
+
+
+@settings(max_examples=settings.default.max_examples // 2)  # each example trains two models
+@given(st.sampled_from([(1, 2), (1, 4), (2, 4), (2, 6), (3, 6)]), st.sampled_from(["interpolate", "stack"]),
+       st.sampled_from(sorted(OPTIMIZERS)))
+def test_copy_gives_every_grown_block_a_state_of_its_own(grow, growth, name):
+    n_old, n_new = grow
+    model, opt = _trained(6, n_old, OPTIMIZERS[name])
+    sources = growth_sources(n_old, n_new, growth)
+    # The reference: a copy whose states are copied by hand, one fresh copy per parameter, from the states before.
+    ref_model, ref_opt = copy.deepcopy((model, opt))
+    ref_blocks = list(ref_model.layers)
+    before = {p: _state(ref_opt, p) for p in ref_model.parameters()}
+    for j, s in ((j, s) for j, s in enumerate(sources) if j != s):
+        for p, q in zip(ref_blocks[j].parameters(), ref_blocks[s].parameters()):
+            ref_opt.state.pop(p, None)
+            if before[q]:
+                ref_opt.state[p] = copy.deepcopy(before[q])
+    remap_optimizer_state(opt, list(model.layers), sources, "copy")
+
+    states = [opt.state[p] for p in model.parameters() if p in opt.state]
+    assert len({id(s) for s in states}) == len(states)  # no two parameters share one state
+    storages = [v.untyped_storage().data_ptr() for s in states for v in s.values() if torch.is_tensor(v)]
+    assert len(set(storages)) == len(storages)  # nor any state tensor
+    steps = {p: float(opt.state[p].get("step", 0)) if p in opt.state else 0.0 for p in model.parameters()}
+
+    x = torch.randn(5, 4)  # one more optimizer step of the whole model, and of the reference
+    for m, o in ((model, opt), (ref_model, ref_opt)):
+        m(x).square().mean().backward()
+        o.step()
+    for p, r in zip(model.parameters(), ref_model.parameters()):
+        if name != "sgd":
+            assert float(opt.state[p]["step"]) == steps[p] + 1
+        assert opt.state[p].keys() == ref_opt.state[r].keys()
+        for k, v in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ref_opt.state[r][k])), k
+        assert torch.equal(p, r)

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import json
 
 import numpy as np
 import pytest
@@ -185,3 +186,147 @@ def test_safetensors_helpers_refuse_the_wrong_object_and_damaged_files(tmp_path)
     with pytest.raises(GrowopsError, match="cannot read .*damaged.safetensors as a safetensors file"):
         growops.load_safetensors(b, damaged)
     assert all(torch.equal(before[k], b.state_dict()[k]) for k in before if k != "_extra_state")
+
+
+class _Views(IndexLoopNet):
+    """Buffers and a parameter that are views of one storage. Only `low_again` is the same view as `low` (an alias);
+    `high` and `bias2` start at other offsets, and at `low`'s offset `low_t` has other strides and `low_empty` another
+    shape. With `overlapping`, also views that overlap `low` only in part: `low_half` (another shape) and `low_bits`
+    (another dtype)."""
+
+    def __init__(self, overlapping=False):
+        super().__init__(4)
+        base = torch.randn(4, 4, 4)
+        self.register_buffer("low", base[0])
+        self.register_buffer("high", base[1])
+        self.register_buffer("low_again", base[0])
+        self.register_buffer("low_t", base[0].t())
+        self.register_buffer("low_empty", base[0, :0])
+        self.bias2 = torch.nn.Parameter(base[2])
+        if overlapping:
+            self.register_buffer("low_half", base[0, :2])
+            self.register_buffer("low_bits", base[0].view(torch.int32))
+
+    def forward(self, x):
+        return super().forward(x) + (self.low + self.high + self.bias2).sum() * 1e-3
+
+
+def _round_trip_views(tmp_path, overlapping=False):
+    """Save an apollo of _Views, load it into another one; every tensor must come back. Returns the file's aliases."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    a = growops.apollo(_Views(overlapping), stages=(2, 4), stage_steps=(2,), seed=3)
+    a.step()
+    path = tmp_path / "views.safetensors"
+    growops.save_safetensors(a, path)
+    torch.manual_seed(1)
+    b = growops.apollo(_Views(overlapping), stages=(2, 4), stage_steps=(2,), seed=3)
+    growops.load_safetensors(b, path)
+    want, got = a.state_dict(), b.state_dict()
+    assert list(got) == list(want) and b.step_count == 1
+    for k in want:
+        assert k == "_extra_state" or torch.equal(got[k], want[k]), k
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["aliases"])
+
+
+def test_safetensors_aliases_only_identical_views_of_a_storage(tmp_path):
+    """Views of one storage at other offsets, or with other strides or shape, are other tensors: each is saved, and
+    only the identical view is stored once, as an alias. Every tensor round-trips."""
+    assert _round_trip_views(tmp_path) == {"model.low_again": "model.low"}
+
+
+def test_safetensors_saves_views_that_overlap_in_part(tmp_path):
+    """A slice or a dtype view of another tensor is not an alias, and safetensors refuses overlapping tensors:
+    they are saved as copies and come back equal."""
+    assert _round_trip_views(tmp_path, overlapping=True) == {"model.low_again": "model.low"}
+
+
+def test_safetensors_helpers_refuse_a_bad_path_naming_the_function_and_the_fix(tmp_path):
+    a = _gpt()
+    with pytest.raises(growops.GrowopsTypeError, match="save_safetensors takes a file path, got int"):
+        growops.save_safetensors(a, 3)
+    with pytest.raises(growops.GrowopsTypeError, match="load_safetensors takes a file path, got NoneType"):
+        growops.load_safetensors(a, None)
+    with pytest.raises(GrowopsError, match="save_safetensors: .* is a directory; give the path of a .safetensors file"):
+        growops.save_safetensors(a, tmp_path)
+    with pytest.raises(GrowopsError, match="load_safetensors: .* is a directory; give the path of a .safetensors file"):
+        growops.load_safetensors(a, tmp_path)
+    with pytest.raises(GrowopsError, match="save_safetensors: the folder of .*missing.* does not exist; create it"):
+        growops.save_safetensors(a, tmp_path / "missing" / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _rewrite_metadata(path, edit):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata=edit(metadata))
+
+
+def test_safetensors_file_without_aliases_metadata_still_loads(tmp_path):
+    """Files written before tied weights were stored as aliases have no "aliases" key: they load as before."""
+    a = _loop()
+    a.step()
+    with torch.no_grad():
+        a.model.inp.weight.add_(1.0)
+    path = tmp_path / "old.safetensors"
+    growops.save_safetensors(a, path)
+    _rewrite_metadata(path, lambda m: {"growops": m["growops"]})
+    b = _loop()
+    growops.load_safetensors(b, path)
+    assert b.step_count == 1
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items() if k != "_extra_state")
+
+
+@pytest.mark.parametrize("aliases", ["not json", '{"x": "no.such.tensor"}', "[1]"])
+def test_safetensors_damaged_metadata_is_refused_with_the_reason(tmp_path, aliases):
+    path = tmp_path / "a.safetensors"
+    growops.save_safetensors(_gpt(), path)
+    _rewrite_metadata(path, lambda m: {**m, "aliases": aliases})
+    with pytest.raises(GrowopsError, match="a.safetensors has damaged growops metadata .*not written by this version "
+                                           "of growops.save_safetensors"):
+        growops.load_safetensors(_gpt(), path)
+
+
+class _TwoViews(IndexLoopNet):
+    """Exactly two buffers over one storage, both contiguous and overlapping (not the same view)."""
+
+    def __init__(self):
+        super().__init__(4)
+        base = torch.randn(4, 4)
+        self.register_buffer("whole", base)
+        self.register_buffer("top", base[:2])
+
+
+def test_safetensors_copies_exactly_two_overlapping_views(tmp_path):
+    torch.manual_seed(0)
+    a = growops.apollo(_TwoViews(), stages=(2, 4), stage_steps=(2,), seed=3)
+    path = tmp_path / "two.safetensors"
+    growops.save_safetensors(a, path)
+    b = growops.apollo(_TwoViews(), stages=(2, 4), stage_steps=(2,), seed=3)
+    growops.load_safetensors(b, path)
+    assert torch.equal(b.model.whole, a.model.whole) and torch.equal(b.model.top, a.model.top)
+
+
+def test_safetensors_does_not_copy_tensors_that_share_no_memory(tmp_path, monkeypatch):
+    """Only tensors sharing a storage are copied before writing: the rest are written from the model's own memory
+    (a copy of every weight would double the memory a save needs)."""
+    import safetensors.torch
+
+    written, save_file = {}, safetensors.torch.save_file
+
+    def recording_save_file(tensors, *args, **kwargs):
+        written.update(tensors)
+        save_file(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", recording_save_file)
+    torch.manual_seed(0)
+    a = growops.apollo(_TwoViews(), stages=(2, 4), stage_steps=(2,), seed=3)
+    growops.save_safetensors(a, tmp_path / "a.safetensors")
+    own = a.model.inp.weight
+    assert written["model.inp.weight"].data_ptr() == own.data_ptr()
+    assert written["model.whole"].data_ptr() != a.model.whole.data_ptr()

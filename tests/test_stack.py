@@ -77,22 +77,39 @@ def test_outside_a_forward_the_container_is_physical():
 
 
 def test_inside_a_forward_len_index_and_slices_see_positions():
+    """Each block holds a layer_idx unlike its index, and positions 1.. run a block holding another unit's value: what
+    len, indexing (negative too) and slices (and their items) give is the position's block with the position's value."""
     blocks = _blocks()
+    own = [7, 5, 9, 3]  # unit u's per-layer value; position i must see own[i]
+    for b, v in zip(blocks, own):
+        b.layer_idx = v
 
     class IndexByLen(Holder):
         def forward(self, x):
-            self.seen = [(self.layers[i], self.layers[i].layer_idx) for i in range(len(self.layers))]
-            self.sliced = [b.layer_idx for b in self.layers[1:]]
+            layers = self.layers
+            self.seen = [(layers[i], layers[i].layer_idx) for i in range(len(layers))]
+            self.last = (layers[-1], layers[-1].layer_idx)
+            tail = layers[1:]
+            self.sliced = [(b, b.layer_idx) for b in tail]
+            self.tail_items = [(tail[0], tail[0].layer_idx), (tail[-1], tail[-1].layer_idx), len(tail)]
+            self.tail_slice = [(b, b.layer_idx) for b in tail[1:]]
             return x
 
     holder = IndexByLen(nn.ModuleList(blocks))
     runtime = StackRuntime(holder.layers, per_layer=("layer_idx",))
     share(holder.layers, runtime)
     scope_forwards(runtime, [holder])
-    runtime.unique, runtime.depth = 2, 3
-    holder(torch.randn(1, 3))
-    assert [blocks.index(b) for b, _ in holder.seen] == list(depth_map(2, 3))
-    assert [i for _, i in holder.seen] == [0, 1, 2] and holder.sliced == [1, 2]
+    for unique, depth in [(2, 4), (1, 3), (3, 4)]:
+        runtime.unique, runtime.depth = unique, depth
+        holder(torch.randn(1, 3))
+        runs = [i * unique // depth for i in range(depth)]
+        expected = [(blocks[u], own[i]) for i, u in enumerate(runs)]
+        assert holder.seen == expected and holder.last == expected[-1]
+        assert holder.sliced == expected[1:]
+        assert holder.tail_items == [expected[1], expected[-1], depth - 1]
+        # a slice of a slice is a list, built at once: a block it holds twice has the later value, so blocks only
+        assert [b for b, _ in holder.tail_slice] == [b for b, _ in expected[2:]]
+        assert [b.layer_idx for b in blocks] == own
 
 
 def test_an_error_in_the_forward_still_restores_per_layer_values():

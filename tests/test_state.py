@@ -1,6 +1,7 @@
 """Loading a schedule position is all or nothing: every field, tensor and key is checked before anything changes."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import growops
 from growops import GrowopsError
-from tests.models import gpt_batch, tiny_gpt, train_steps
+from tests.models import EncoderDecoder, gpt_batch, tiny_gpt, train_steps
 
 
 def _make(**kwargs):
@@ -186,3 +187,46 @@ def test_a_shallow_copy_of_the_wrapper_does_not_take_its_stack():
     del shallow
     gc.collect()
     a(**gpt_batch())
+
+
+FINGERPRINTED = [  # (field, saved with, loaded into, what the refusal says)
+    ("stages", {"stages": (1, 3, 4), "growth": "stack"}, {"growth": "stack"}, "saved [1, 3, 4], here [1, 2, 4]"),
+    ("stage_steps", {"stage_steps": (3, 7)}, {}, "saved [3, 7], here [3, 6]"),
+    ("growth", {"growth": "stack"}, {}, "saved 'stack', here 'interpolate'"),
+    ("sampler", {"sampler": "uniform"}, {}, "saved 'uniform', here 'lvps'"),
+    ("seed", {"seed": 0}, {"seed": 1}, "saved 0, here 1"),
+    ("resample", {"resample": "micro_batch"}, {}, "saved 'micro_batch', here 'step'"),
+    ("optimizer_state", {"optimizer_state": "keep"}, {}, "saved 'keep', here 'reset'"),
+    ("lr_scale", {"lr_scale": "linear"}, {}, "saved 'linear', here 'none'"),
+    ("rewarmup", {"rewarmup": 2}, {}, "saved 2, here 0"),
+]
+
+
+@pytest.mark.parametrize("field, saved, here, detail", FINGERPRINTED, ids=[c[0] for c in FINGERPRINTED])
+def test_the_fingerprint_covers_each_argument_that_changes_training(field, saved, here, detail):
+    source = _make(**saved)
+    source.step()
+    state = source.state_dict()
+    a = _make(**here)
+    before = _snapshot(a)
+    with pytest.raises(GrowopsError, match=re.escape(f"({field}: {detail})")):  # that field alone differs
+        a.load_state_dict(state)
+    assert _unchanged(a, before)
+    same = _make(**saved)
+    same.load_state_dict(state)  # changing nothing else loads
+    assert same.step_count == 1
+
+
+def test_the_fingerprint_covers_the_stack():
+    make = lambda stack: growops.apollo(EncoderDecoder(), stages=(1, 2), stage_steps=(3,), stack=stack)  # noqa: E731
+    state = make("decoder").state_dict()  # L = 2 either way, the same keys
+    with pytest.raises(GrowopsError, match=re.escape("(stack: saved ['decoder'], here ['encoder[2:4]'])")):
+        make("encoder[2:]").load_state_dict(state)
+    make("decoder").load_state_dict(state)
+
+
+def test_the_fingerprint_covers_the_depth_l():
+    state = _make().state_dict()
+    state["_extra_state"]["layers"] = 5  # L follows from the last stage: only a hand-edited state can differ in it
+    with pytest.raises(GrowopsError, match=re.escape("(layers: saved 5, here 4)")):
+        _make().load_state_dict(state)
