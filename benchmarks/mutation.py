@@ -104,17 +104,17 @@ def classify(patterns: list[str]) -> dict[str, str]:
 _STRING = re.compile(r"""[rRbBfFuU]{0,2}("([^"\\]|\\.)*"|'([^'\\]|\\.)*')""")
 
 
-def message_only(name: str, diff: str) -> bool:
+def message_only(name: str, diff: str, source: str | None = None) -> bool:
     """True if mutant `name` (`diff`: what ``mutmut show`` prints) changes only string literals, all inside a
-    ``raise`` statement or a call of ``...warn``, ``...Error`` or ``...Warning`` of the original source."""
+    ``raise`` statement or a call of ``...warn``, ``...Error`` or ``...Warning`` of the original `source` (default:
+    the module's file)."""
     removed = [line[1:] for line in diff.splitlines() if line[:1] == "-" and not line.startswith("---")]
     added = [line[1:] for line in diff.splitlines() if line[:1] == "+" and not line.startswith("+++")]
     if not removed or [_STRING.sub('""', t) for t in removed] != [_STRING.sub('""', t) for t in added]:
         return False
     module, mangled = name.rsplit(".", 1)
-    path = ROOT / (module.replace(".", "/") + ".py")
     function = mangled.split("__mutmut_")[0].split("ǁ")[-1].removeprefix("x_")
-    source = path.read_text()
+    source = source if source is not None else (ROOT / (module.replace(".", "/") + ".py")).read_text()
     lines = source.splitlines()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == function:

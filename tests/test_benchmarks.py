@@ -34,14 +34,21 @@ def test_mutation_report_tells_message_wording_from_code():
     """benchmarks/mutation.py: a survivor that only rewords an error is told apart from one that changes code."""
     from benchmarks.mutation import message_only
 
-    def diff(old, new):
-        return f"--- growops/recipes.py\n+++ growops/recipes.py\n@@ -1,3 +1,3 @@\n-{old}\n+{new}\n"
+    source = (
+        "def tokens(parameters, options):\n"
+        "    if parameters <= 1:\n"
+        "        raise GrowopsError(\"tokens needs parameters > 1; \"\n"
+        "                           \"pass a larger model\")\n"
+        "    if options.get(\"plan\") is None:\n"
+        "        return 0\n")
+    lines = source.splitlines()
 
-    message = '        raise GrowopsError(f"gstack_growth_tokens needs parameters > 1 and flops > 10, got {flops}")'
-    name = "growops.recipes.x_gstack_growth_tokens__mutmut_99"
-    assert message_only(name, diff(message, message.replace("needs", "XXneeds")))  # f-string: only its text
-    assert not message_only(name, diff(message, '        raise GrowopsError(None)'))
-    condition = "    if parameters <= 1 or flops <= 10:"
-    assert not message_only(name, diff(condition, condition.replace("<= 1", "< 1")))
-    key = '    if options.get("plan") is None:'
-    assert not message_only("growops.recipes.x__layers__mutmut_99", diff(key, key.replace('"plan"', '"XXplanXX"')))
+    def verdict(line, new):
+        diff = f"--- growops/x.py\n+++ growops/x.py\n@@ -1,3 +1,3 @@\n-{lines[line]}\n+{new}\n"
+        return message_only("growops.x.x_tokens__mutmut_1", diff, source)
+
+    assert verdict(3, '                           "XXpass a larger modelXX")')  # the wording of a message
+    assert verdict(2, lines[2].replace("tokens needs", "TOKENS NEEDS"))
+    assert not verdict(2, "        raise GrowopsError(None)")  # the message is gone
+    assert not verdict(1, "    if parameters < 1:")  # code
+    assert not verdict(4, lines[4].replace('"plan"', '"XXplanXX"'))  # a string that is not a message
