@@ -138,6 +138,9 @@ def test_param_groups_take_one_parameter_or_one_group_and_name_the_rest_by_rest(
     assert summary(a.param_groups({"params": block, "lr": 0.1})) == [({"lr": 0.1, "growops_unit": 1}, [id(block)])]
     assert summary(a.param_groups([head, block])) == [({"growops_unit": REST}, [id(head)]),
                                                       ({"growops_unit": 1}, [id(block)])]
+    foreign = torch.nn.Parameter(torch.zeros(2))  # not the model's: outside the units too
+    assert summary(a.param_groups([foreign, block])) == [({"growops_unit": REST}, [id(foreign)]),
+                                                         ({"growops_unit": 1}, [id(block)])]
 
 
 def test_the_scaling_hooks_are_installed_once_for_every_wrapper(monkeypatch):
