@@ -68,7 +68,9 @@ def report(patterns: list[str]) -> int:
 
     ``score``: killed (or listed as equivalent) / checked. ``code score`` leaves out the survivors that change only
     the wording of an error or warning (``message_only``), which the tests pin by key words, not letter by letter."""
-    codes, reasons, kinds = results(patterns), explained(), classify(patterns)
+    codes, reasons = results(patterns), explained()
+    diffs = {name: _mutmut("show", name).stdout for name, code in codes.items() if code in SURVIVED}
+    kinds = {name: "message" if message_only(name, diff) else "code" for name, diff in diffs.items()}
     per_module: dict[str, Counter] = defaultdict(Counter)
     unexplained = []
     for name, code in codes.items():
@@ -88,17 +90,9 @@ def report(patterns: list[str]) -> int:
     if unexplained:
         print(f"\n{len(unexplained)} survivors not in {EXPLAINED.name} (kill them with a test, or explain them):")
         for name in sorted(unexplained):
-            diff = _mutmut("show", name).stdout
-            body = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+            body = [line for line in diffs[name].splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
             print(f"  {name}: {' | '.join(body)[:200]}")
     return len(unexplained)
-
-
-def classify(patterns: list[str]) -> dict[str, str]:
-    """Each survivor -> ``"message"`` (it changes only the text of an error or warning: the tests pin a message's
-    key words, not its wording) or ``"code"``."""
-    return {name: "message" if message_only(name, _mutmut("show", name).stdout) else "code"
-            for name, code in results(patterns).items() if code in SURVIVED}
 
 
 _STRING = re.compile(r"""[rRbBfFuU]{0,2}("([^"\\]|\\.)*"|'([^'\\]|\\.)*')""")
