@@ -331,7 +331,8 @@ def _check_calls(new: nn.Module, path: str, total: int, example_inputs: Any) -> 
 def _probe_difference(model: nn.Module, new: nn.Module, example_inputs: Any) -> tuple[float, float, str] | None:
     """(largest |difference| between the two models' float outputs, largest |output|, what the input was) on the
     first probe input the model runs on, both in eval mode; None when there is none. An output of `new` larger than
-    the model's (a widened hidden state) is compared on its leading units."""
+    the model's (a widened hidden state) is compared on its leading units. Raises a GrowopsError when `new` fails on an
+    input the model runs on (the growth changed a tensor in a way the model's forward does not follow)."""
     for what, inputs in _candidate_inputs(model, example_inputs):
         args, kwargs = example_inputs_for(model, inputs)
         modes = [(m, m.training) for m in (*model.modules(), *new.modules())]
@@ -339,7 +340,16 @@ def _probe_difference(model: nn.Module, new: nn.Module, example_inputs: Any) -> 
             model.eval()
             new.eval()
             with torch.no_grad():
-                a, b = _floats(model(*args, **kwargs)), _floats(new(*args, **kwargs))
+                a = _floats(model(*args, **kwargs))
+                try:
+                    b = _floats(new(*args, **kwargs))
+                except Exception as e:  # noqa: BLE001 - any failure of the grown model is growops' to report
+                    raise GrowopsError(
+                        f"the grown {type(new).__name__} fails on {what}, which the model runs on: {first_line(e)}. "
+                        "growops changed a tensor in a way the model's forward does not follow: grow it by hand, or "
+                        "report the model to growops") from None
+        except GrowopsError:
+            raise
         except Exception:  # noqa: BLE001 - a probe the model does not run on: try the next
             continue
         finally:

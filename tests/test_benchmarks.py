@@ -1,5 +1,6 @@
 """Benchmark scripts still run (at toy sizes on the CPU), so a GPU session does not spend its time on their bugs."""
 
+import fnmatch
 import json
 import subprocess
 import sys
@@ -52,3 +53,27 @@ def test_mutation_report_tells_message_wording_from_code():
     assert not verdict(2, "        raise GrowopsError(None)")  # the message is gone
     assert not verdict(1, "    if parameters < 1:")  # code
     assert not verdict(4, lines[4].replace('"plan"', '"XXplanXX"'))  # a string that is not a message
+
+
+def test_mutation_sample_is_uniform_reproducible_and_its_interval_covers(monkeypatch, tmp_path):
+    """benchmarks/mutation.py --sample: the same seed draws the same mutants, each pattern's mutants as often as
+    their share, and the Wilson interval holds the proportion (and stays inside [0, 1] at the ends)."""
+    from benchmarks import mutation
+
+    names = {f"growops.{m}.x_f__mutmut_{i}": None for m, count in (("a", 300), ("b", 100)) for i in range(count)}
+    monkeypatch.setattr(mutation, "results", lambda patterns: {
+        n: c for n, c in names.items() if any(fnmatch.fnmatch(n, p) for p in patterns)})
+    first = mutation.sample(["growops.*"], 200, seed=3)
+    assert first == mutation.sample(["growops.*"], 200, seed=3) != mutation.sample(["growops.*"], 200, seed=4)
+    assert len(set(first)) == 200 and set(first) <= set(names)
+    assert 30 <= sum(n.startswith("growops.b.") for n in first) <= 70  # a quarter of 200, give or take
+    assert all(n.startswith("growops.b.") for n in mutation.sample(["growops.b.*"], 500, seed=0))
+    assert len(mutation.sample(["growops.b.*"], 500, seed=0)) == 100
+    low, high = mutation.wilson(540, 600)
+    assert 0.87 < low < 0.9 < high < 0.93
+    assert mutation.wilson(10, 10)[1] == 1.0 and 0.69 < mutation.wilson(10, 10)[0] < 0.73
+    assert mutation.wilson(0, 10)[0] == 0.0
+    monkeypatch.setattr(mutation, "SAMPLE", tmp_path / "sample.txt")
+    assert mutation.main(["sample", "200", "--seed", "3"]) == 0
+    listed = (tmp_path / "sample.txt").read_text().splitlines()
+    assert listed[0].startswith("# 200 of 400 mutants") and listed[1:] == first

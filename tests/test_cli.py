@@ -1,5 +1,6 @@
 """``python -m growops grow``: a saved Hugging Face checkpoint in, a deeper one out, the same function with "zero"."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from growops.cli import main
+from growops.cli import load_checkpoint, main
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -94,3 +95,40 @@ def test_grow_needs_a_size(checkpoint, capsys):
     assert "say how to grow" in capsys.readouterr().err
     assert main(["grow", str(tmp / "in"), str(tmp / "out"), "--layers", "3", "--ffn", "64"]) == 2
     assert "give --hidden too" in capsys.readouterr().err
+
+
+def test_help_explains_the_command_and_every_option(capsys, monkeypatch):
+    """``--help`` and ``grow --help`` show the command and each option of grow with its explanation, word for word
+    (argparse wraps lines: the words are compared, not the layout)."""
+    monkeypatch.setenv("COLUMNS", "100")
+    for argv in (["--help"], ["grow", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+    top, grow = (" ".join(text.split()) for text in capsys.readouterr().out.split("usage:")[1:])
+    assert "{grow} grow widen and/or deepen a local Hugging Face checkpoint options:" in top
+    assert grow.endswith(
+        "--layers LAYERS blocks in the grown stack "
+        "--method {zero,interpolate,stack} how new blocks are made (default: zero) "
+        "--stack STACK the block container's path, when the model holds several "
+        "--hidden HIDDEN the new hidden size (widen first) "
+        "--ffn FFN the new FFN size (default: what the config gives at the new hidden size) "
+        "--heads HEADS the new head count (default: grown with the hidden size) "
+        "--noise NOISE symmetry-breaking noise for widened weights")
+
+
+def test_a_config_without_architectures_loads_with_automodel(tmp_path):
+    """A checkpoint whose config.json names no architecture is built by AutoModel from its model type."""
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(transformers.LlamaConfig(
+        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+        vocab_size=64))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["architectures"]  # save_pretrained writes the class name; some checkpoints lack it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_checkpoint(tmp_path)
+    assert type(loaded) is transformers.LlamaModel
+    want = model.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    assert all(torch.equal(p, want[k]) for k, p in loaded.state_dict().items())

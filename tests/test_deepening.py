@@ -267,9 +267,11 @@ def test_zero_preserves_hf_models_and_round_trips(name, tmp_path):
 
 def test_layer_types_follow_their_blocks():
     model = _hf("qwen2")
-    deep = growops.deepen(model, layers=6)
+    grown = grow_depth(model, layers=6)
+    deep = grown.model
     assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
     assert deep.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 4
+    assert "config.layer_types: per-layer list extended to 6 entries" in grown.changes
 
 
 def test_bert_is_post_norm_so_zero_is_refused_but_stacking_works():
@@ -296,3 +298,49 @@ def test_opt_views_its_stream_back_to_its_shape():
         max_position_embeddings=32, word_embed_proj_dim=16)))
     grown = grow_depth(model, 4)
     assert grown.max_difference == 0.0 and len(grown.model.model.decoder.layers) == 4
+
+
+def test_a_grown_model_that_fails_where_the_model_runs_is_reported_as_growops_fault():
+    """The function-preservation probe: a grown model that raises on an input the model runs on is an error that
+    says so (not "pass example_inputs"); an input neither runs on is skipped."""
+    from growops.deepening import _probe_difference
+
+    model, broken = nn.Linear(4, 3), nn.Linear(5, 3)
+    with pytest.raises(growops.GrowopsError, match=r"grown Linear fails on .* which the model runs on: .*shapes"):
+        _probe_difference(model, broken, (torch.randn(2, 4),))
+    assert _probe_difference(model, broken, (torch.randn(2, 7),)) is None  # the model fails too: no probe
+    diff, scale, _ = _probe_difference(model, model, (torch.randn(2, 4),))
+    assert diff == 0 and scale > 0
+
+
+def test_two_layer_indices_are_enough_to_continue():
+    deep = growops.deepen(_Indexed((0, 1)), layers=4, method="stack")
+    assert [b.layer_idx for b in deep.layers] == [0, 1, 2, 3]
+
+
+def test_the_report_shows_twelve_sources_then_an_ellipsis():
+    """grow_depth's change line lists which old unit each new one copies: all of them up to 12, then '...'."""
+    changes = grow_depth(_Indexed(), layers=14, method="stack").changes[0]
+    assert changes.endswith("unit j copies unit (0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, ...))"), changes
+    changes = grow_depth(_Indexed(), layers=12, method="stack").changes[0]
+    assert changes.endswith("unit j copies unit (0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2))"), changes
+
+
+def test_the_depth_field_of_a_sub_config_is_the_one_set():
+    """An encoder-decoder Hugging Face model keeps each stack's depth in a sub-config (config.encoder,
+    config.decoder): deepening one stack sets its own field and leaves the other's."""
+    sizes = dict(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    enc = transformers.BertConfig(num_hidden_layers=2, **sizes)
+    dec = transformers.BertConfig(num_hidden_layers=3, is_decoder=True, add_cross_attention=True, **sizes)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    config.decoder_start_token_id = config.pad_token_id = 0
+    torch.manual_seed(0)
+    model = transformers.EncoderDecoderModel(config).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    inputs = dict(input_ids=ids, decoder_input_ids=ids)
+    grown = grow_depth(model, layers=4, stack="encoder.encoder.layer", method="stack", example_inputs=inputs)
+    assert grown.changes[1] == "config.encoder.num_hidden_layers: 2 -> 4"
+    assert len(grown.model.encoder.encoder.layer) == grown.model.config.encoder.num_hidden_layers == 4
+    assert grown.model.config.decoder.num_hidden_layers == 3 and model.config.encoder.num_hidden_layers == 2
+    grown = grow_depth(model, layers=6, stack="decoder.bert.encoder.layer", method="stack", example_inputs=inputs)
+    assert grown.changes[1] == "config.decoder.num_hidden_layers: 3 -> 6"

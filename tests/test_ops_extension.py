@@ -79,3 +79,26 @@ def test_cuda_kernel_handles_inputs_at_odd_offsets(ext):
     ref_dw, ref_db = _wgrad_reference(g, x, True)
     torch.testing.assert_close(dw, ref_dw, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(db, ref_db, rtol=1e-4, atol=1e-3)
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """extension._state as before any load(); restored after the test."""
+    for key, value in (("tried", False), ("module", None), ("why", "not tried yet")):
+        monkeypatch.setitem(extension._state, key, value)
+
+
+def test_growops_cuda_0_disables_the_extension_and_status_names_the_variable(fresh_state, monkeypatch):
+    """GROWOPS_CUDA=0 skips the extension, and the reason given names the variable exactly as it is set."""
+    monkeypatch.setenv("GROWOPS_CUDA", "0")
+    assert extension.load() is None
+    assert extension.status() == "disabled by GROWOPS_CUDA=0"
+
+
+def test_load_tries_once_per_process(fresh_state, monkeypatch):
+    """The outcome of the first load() is kept: a second call neither checks nor builds again."""
+    checks = []
+    monkeypatch.delenv("GROWOPS_CUDA", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: checks.append(1) or False)
+    assert extension.load() is None and extension.load() is None
+    assert len(checks) == 1 and extension.status() == "no CUDA device"

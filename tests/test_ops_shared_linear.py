@@ -158,3 +158,43 @@ def test_dtensor_parameters_take_pytorchs_path():
     out = subprocess.run([sys.executable, "-c", DTENSOR_SCRIPT], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
     assert out.returncode == 0 and "dtensor ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_second_order_weight_gradient_equals_f_linears():
+    """A gradient penalty on the weight's own gradient: backward(create_graph=True) returns a differentiable weight
+    gradient equal to F.linear's, and differentiating it reaches x and the bias as F.linear's does."""
+    results = []
+    for fn in (F.linear, shared_linear):
+        torch.manual_seed(0)
+        x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        (gw,) = torch.autograd.grad(fn(x, w, b).tanh().sum(), w, create_graph=True)
+        gw.square().sum().backward()
+        results.append((gw.detach(), x.grad, b.grad))
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_dtensor_in_process_takes_pytorchs_path(monkeypatch):
+    """The DTensor route, in this process (1-rank gloo group, torn down after): the same output and weight gradient
+    as F.linear on the full tensors."""
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs gloo and no process group of the test run's own")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        w_full, x_full = torch.randn(6, 4, requires_grad=True), torch.randn(3, 4)
+        w = distribute_tensor(w_full.detach(), mesh, [Shard(0)]).requires_grad_()
+        y = shared_linear(distribute_tensor(x_full, mesh, [Shard(0)]), w)
+        y.sum().backward()
+        F.linear(x_full, w_full).sum().backward()
+        torch.testing.assert_close(y.full_tensor(), F.linear(x_full, w_full.detach()))
+        torch.testing.assert_close(w.grad.full_tensor(), w_full.grad)
+    finally:
+        dist.destroy_process_group()

@@ -69,3 +69,46 @@ def test_a_plan_for_another_model_is_refused():
         growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(1,), plan=plan, stack="blocks")
     a = growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(1,), plan=plan)
     assert a.plan is plan
+
+
+def test_declare_takes_lists_of_paths_for_each_argument():
+    plan = growops.plan(_with_opaque_values())
+    for kwargs in (dict(per_layer="attn.helper"), dict(constant="attn.helper"),
+                   dict(per_layer=["attn.helper"], constant="attn.helper")):
+        with pytest.raises(GrowopsTypeError, match=r"declare takes lists of paths"):
+            plan.declare(**kwargs)
+
+
+class _NotContainers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        self.wrap = nn.Sequential(nn.Linear(4, 4))  # one child
+        self.mixed = nn.ModuleList([nn.Linear(4, 4), nn.LayerNorm(4), nn.ReLU()])  # no pattern repeats
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        for m in self.mixed:
+            x = m(x)
+        return self.wrap(x)
+
+
+@pytest.mark.parametrize("stack, why", [
+    ("wrap", r"\(it has 1 child module\)"),
+    ("blocks.0", r"\(it has 0 child modules\)"),
+    ("mixed", r"\(no pattern of its children repeats; mixed.1 differs from mixed.0: "),
+])
+def test_a_stack_that_is_not_a_container_of_blocks_is_refused_with_why(stack, why):
+    with pytest.raises(GrowopsError, match=rf"stack='{stack}' is not a container of repeated blocks in "
+                                           rf"_NotContainers {why}"):
+        growops.plan(_NotContainers(), stack=stack)
+
+
+def test_per_layer_values_print_short():
+    """How ``print(plan)`` shows a value: small tensors in full, others by shape, long reprs cut."""
+    from growops.plan import _short_value
+
+    assert _short_value(torch.arange(4)) == "[0, 1, 2, 3]"
+    assert _short_value(torch.arange(5)) == "tensor(5,)"
+    assert _short_value("x" * 24) == repr("x" * 24)[:21] + "..." and _short_value("x" * 22) == repr("x" * 22)

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+import growops
 from growops import GrowopsError
 from growops.maps import depth_map
 from growops.stack import (
@@ -199,3 +200,48 @@ def test_replaced_block_is_used_or_rejected():
     del holder.layers[3]
     with pytest.raises(GrowopsError, match="layers changed after growops.apollo wrapped the model"):
         runtime.sync()
+
+
+class _Remembers(nn.Module):
+    """Keeps the last input it saw in an attribute that starts as None."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.last = None
+
+    def forward(self, x):
+        self.last = x
+        return x + self.fc(x)
+
+
+class _RemembersNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Remembers() for _ in range(4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_state_a_shared_unit_sets_is_refused_also_under_inference_mode(inference):
+    """An attribute set by the forward of a unit that runs at several positions is refused, whether the value is
+    an ordinary tensor or an inference tensor (which has no version counter to tell by)."""
+    a = growops.apollo(_RemembersNet(), stages=(1, 4), stage_steps=(5,)).eval()
+    with torch.inference_mode(inference), pytest.raises(GrowopsError, match="the forward changed last in layers's "
+                                                                             "unit 0"):
+        a(torch.randn(2, 4))
+
+
+def test_running_statistics_of_a_nested_norm_may_change_in_a_shared_unit():
+    """BatchNorm's running statistics are trained state like weights, also in a submodule of the block
+    (``norm.running_mean``): a shared unit updating them at each position is not refused."""
+    from tests.test_apollo import _BufferNet
+
+    a = growops.apollo(_BufferNet(4), stages=(1, 4), stage_steps=(5,)).train()
+    before = a.model.layers[0].norm.running_mean.clone()
+    a(torch.randn(6, 4))
+    assert not torch.equal(a.model.layers[0].norm.running_mean, before)

@@ -230,3 +230,43 @@ def test_the_fingerprint_covers_the_depth_l():
     state["_extra_state"]["layers"] = 5  # L follows from the last stage: only a hand-edited state can differ in it
     with pytest.raises(GrowopsError, match=re.escape("(layers: saved 5, here 4)")):
         _make().load_state_dict(state)
+
+
+def test_samplers_that_differ_only_in_a_constant_or_a_name_are_told_apart():
+    """The code digest covers a function's constants and the names it reads, not only its bytecode (which
+    refers to both by index)."""
+    pairs = ((lambda unique, layers, rng: layers - 0, lambda unique, layers, rng: layers - 1),
+             (lambda unique, layers, rng: max(unique, layers), lambda unique, layers, rng: min(unique, layers)))
+    for saved, here in pairs:
+        assert saved.__code__.co_code == here.__code__.co_code  # what only constants and names tell apart
+        state = _make(sampler=saved).state_dict()
+        with pytest.warns(UserWarning, match="has other code than the one this state was saved with"):
+            _make(sampler=here).load_state_dict(state)
+
+
+class _CallableSampler:
+    """A sampler object (a class with __call__) that keeps a bound method of itself: its fingerprint recurses
+    through itself, so it must stop at a fixed depth."""
+
+    def __init__(self, offset):
+        self.offset = offset
+        self.draw = self.__call__
+
+    def __call__(self, unique, layers, rng):
+        return max(unique, layers - self.offset)
+
+
+def test_callable_objects_and_self_referencing_samplers_have_a_fingerprint():
+    state = _make(sampler=_CallableSampler(0)).state_dict()
+    _make(sampler=_CallableSampler(0)).load_state_dict(state)  # the same: loads
+    state = _make(sampler=_CallableSampler(0).draw).state_dict()  # a bound method whose object holds itself
+    _make(sampler=_CallableSampler(0).draw).load_state_dict(state)
+    with pytest.warns(UserWarning, match="has other code"):
+        _make(sampler=_CallableSampler(1).draw).load_state_dict(state)
+
+
+def test_a_state_from_another_schedule_lists_every_difference():
+    state = _make(seed=5, rewarmup=0).state_dict()
+    with pytest.raises(GrowopsError, match=r"another schedule or model \(seed: saved 5, here 6; rewarmup: saved 0, "
+                                           r"here 3\)"):
+        _make(seed=6, rewarmup=3).load_state_dict(state)

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 import growops
 from growops.fx.width import DimGrowth
@@ -334,3 +335,127 @@ def test_a_base_model_whose_output_is_the_hidden_state():
         old, new = model(ids).last_hidden_state, grown.model(ids).last_hidden_state
     assert grown.max_difference < 1e-5 and new.shape[-1] == 32
     assert torch.allclose(new[..., :16], old, atol=1e-5) and torch.allclose(new[..., 16:], old, atol=1e-5)
+
+
+class FunctionalBlock(nn.Module):
+    """A block written with functional ops on its own parameters (get_attr nodes in the graph, no torch.nn layers)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm_w, self.norm_b = nn.Parameter(1 + 0.1 * torch.randn(width)), nn.Parameter(0.1 * torch.randn(width))
+        self.w1, self.b1 = nn.Parameter(torch.randn(width, 2 * width) / 3), nn.Parameter(torch.randn(2 * width))
+        self.w2t = nn.Parameter(torch.randn(width, 2 * width) / 4)
+        self.w3, self.b3 = nn.Parameter(torch.randn(width, width) / 3), nn.Parameter(torch.randn(width))
+        self.gain = nn.Parameter(torch.randn(width))
+
+    def forward(self, h):
+        z = F.layer_norm(h, (h.shape[-1],), self.norm_w, self.norm_b)
+        u = F.gelu(torch.addmm(self.b1, z, self.w1))  # (tokens, 2 width)
+        v = (self.w2t @ u.t()).t()  # matmul and t
+        v = F.linear(v, self.w3, self.b3).transpose(0, 1).transpose(0, 1)
+        return h + v * self.gain
+
+
+class FunctionalNet(nn.Module):
+    """Embedding, blocks and an output head tied to the embedding, through a hand-written norm (mul, add)."""
+
+    def __init__(self, n_layer: int = 3, width: int = 8, vocab: int = 11):
+        super().__init__()
+        self.emb = nn.Parameter(torch.randn(vocab, width))
+        self.blocks = nn.ModuleList([FunctionalBlock(width) for _ in range(n_layer)])
+        self.final_w, self.final_b = nn.Parameter(1 + 0.1 * torch.randn(width)), nn.Parameter(0.1 * torch.randn(width))
+
+    def forward(self, ids):
+        h = F.embedding(ids, self.emb)
+        for block in self.blocks:
+            h = block(h)
+        mean = h.mean(-1, keepdim=True)
+        normed = (h - mean) * torch.rsqrt(((h - mean) ** 2).mean(-1, keepdim=True) + 1e-5)
+        return F.linear(normed * self.final_w + self.final_b, self.emb)  # the head is the embedding
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_functional_models_grow_through_every_op_the_width_pass_follows(factor):
+    """Parameters read by functional ops (layer_norm, addmm, matmul, t, transpose, linear, embedding, mul and add by
+    a parameter) grow along the hidden width and only there, the model computes what it did, and the tied head's
+    norm is scaled (its weight and bias) instead of splitting the embedding."""
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    ids = torch.tensor([1, 4, 2, 9, 0])
+    wide = grow_width(model, hidden=8 * factor, example_inputs=(ids,)).model
+    w = 8 * factor
+    assert torch.allclose(wide(ids), model(ids), atol=1e-5)
+    assert wide.emb.shape == (11, w) and wide.final_w.shape == wide.final_b.shape == (w,)
+    block, old = wide.blocks[1], model.blocks[1]
+    shapes = {n: tuple(p.shape) for n, p in block.named_parameters()}
+    assert shapes == {"norm_w": (w,), "norm_b": (w,), "w1": (w, 16), "b1": (16,), "w2t": (8, 16), "w3": (w, 8),
+                      "b3": (w,), "gain": (w,)}  # v = w2t @ u.t() has a width of its own (8), like an FFN's
+    assert torch.equal(wide.emb, model.emb.repeat(1, factor))  # tied: copied, not split
+    assert torch.allclose(wide.final_w, model.final_w.repeat(factor) / factor)  # the norm feeding the head scaled
+    assert torch.allclose(wide.final_b, model.final_b.repeat(factor) / factor)
+    assert torch.allclose(block.w1, old.w1.repeat(factor, 1) / factor)  # contracted over the hidden width: split
+    assert torch.equal(block.b1, old.b1) and torch.equal(block.gain, old.gain.repeat(factor))
+
+
+def test_noise_is_relative_to_each_weight_and_seeded():
+    """noise=σ adds N(0, σ·std(W)) to each grown weight W (a tiny weight gets tiny noise), from generator `seed`
+    (default 0): the same seed gives the same model."""
+    model = tiny_gpt(2)
+    with torch.no_grad():
+        model.blocks[0].mlp.c_fc.weight.mul_(1e-3)
+    plain = growops.widen(model, hidden=32)
+    noisy = growops.widen(model, hidden=32, noise=0.1)
+    for name in ("blocks.0.mlp.c_fc.weight", "blocks.1.mlp.c_fc.weight"):
+        w, added = plain.get_parameter(name), noisy.get_parameter(name) - plain.get_parameter(name)
+        assert 0.08 < float(added.std() / w.std()) < 0.12, name
+    assert all(torch.equal(p, q) for p, q in zip(noisy.parameters(), growops.widen(model, hidden=32, noise=0.1,
+                                                                                   seed=0).parameters()))
+    other = growops.widen(model, hidden=32, noise=0.1, seed=1)
+    assert not torch.equal(other.blocks[0].mlp.c_fc.weight, noisy.blocks[0].mlp.c_fc.weight)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(hidden=0), "hidden must be an int >= 1"),
+                                           (dict(hidden=32, ffn=0), "ffn must be an int >= 1"),
+                                           (dict(hidden=32, heads=0), "heads must be an int >= 1"),
+                                           (dict(hidden=32, seed=-1), "seed must be an int >= 0")])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(growops.GrowopsError, match=match):
+        growops.widen(tiny_gpt(2), **kwargs)
+
+
+def test_optimizer_state_is_carried_past_parameters_that_have_none():
+    """Parameters without optimizer state (no gradient yet) are skipped, and the ones after them still carried."""
+    model = tiny_gpt(2)
+    first = next(model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(**gpt_batch()).loss.backward()
+    first.grad = None  # no state for it after the step
+    opt.step()
+    wide = growops.widen(model, hidden=32)
+    wide_opt = torch.optim.AdamW(wide.parameters(), lr=1e-3)
+    growops.widen_optimizer_state(opt, model, wide, wide_opt)
+    assert next(wide.parameters()) not in wide_opt.state
+    assert all(p in wide_opt.state for p in list(wide.parameters())[1:])
+
+
+class WithSpareWeight(NormFreeMLP):
+    """A config model holding a weight its forward never reads (a head kept for later, say)."""
+
+    def __init__(self, config: MLPConfig):
+        super().__init__(config)
+        self.spare = nn.Parameter(torch.randn(config.width, 2))
+
+
+def test_a_weight_the_forward_never_reads_grows_by_tiling():
+    torch.manual_seed(0)
+    model = WithSpareWeight(MLPConfig())
+    wide = growops.widen(model, hidden=16)
+    x = torch.randn(3, 4)
+    assert torch.allclose(wide(x), model(x), atol=1e-5)
+    assert torch.equal(wide.spare, model.spare.repeat(2, 1))  # nothing contracts it: copied, not split
+
+
+def test_the_report_says_when_a_widening_is_not_by_whole_multiples():
+    torch.manual_seed(0)
+    assert grow_width(NormFreeMLP(MLPConfig()), hidden=12).changes[-1].endswith(" (not all whole multiples)")
+    assert grow_width(NormFreeMLP(MLPConfig()), hidden=16).changes[-1] == "widened dimensions: 8 -> 16"

@@ -199,12 +199,17 @@ def _contracted(user: fx.Node, arg: fx.Node, ndim: int) -> set[int] | None:
     if name in ("conv1d", "conv2d", "conv3d", "convolution"):
         return {1} if position == 1 else set()
     if name == "embedding":
-        return set() if position == 0 else None
+        return set() if position == _embedding_weight(user) else None
     if name in ("t", "transpose", "permute", "view", "reshape"):
         return None  # a weight reshaped before use: not followed
     if name in _ELEMENTWISE:
         return set()
     return None
+
+
+def _embedding_weight(node: fx.Node) -> int:
+    """Where an embedding op takes its table: ``F.embedding(input, weight)``, ``aten.embedding(weight, indices)``."""
+    return 1 if node.target is torch.nn.functional.embedding else 0
 
 
 def _module_contracted(module: nn.Module, pname: str) -> set[int] | None:
@@ -343,7 +348,8 @@ def width_groups(gm: fx.GraphModule, root: nn.Module) -> _Groups:
         if out is None:
             continue
         name = _name(node)
-        args = [a for a in node.args if isinstance(a, fx.Node)]
+        # Tensors passed by keyword (F.layer_norm's weight and bias in a symbolic trace) follow those passed by place.
+        args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
         shaped = [(a, _shape(a)) for a in args if _shape(a) is not None]
         if node.op == "call_module":
             module = root.get_submodule(str(node.target))
@@ -402,9 +408,10 @@ def width_groups(gm: fx.GraphModule, root: nn.Module) -> _Groups:
                 tie(a, len(sa) - 1, b, len(sb) - 2)
                 tie(node, len(out) - 1, b, len(sb) - 1)
                 tie(node, len(out) - 2, a, len(sa) - 2)
-        elif name == "embedding" and shaped:
-            w, _ = shaped[0]
-            tie(node, len(out) - 1, w, 1)
+        elif name == "embedding" and len(node.args) > _embedding_weight(node):
+            w = node.args[_embedding_weight(node)]
+            if _shape(w) is not None:
+                tie(node, len(out) - 1, w, 1)
         elif name in ("transpose", "t") and shaped:
             x, xs = shaped[0]
             dims = [d for d in node.args[1:3] if isinstance(d, int)] if name == "transpose" else [0, 1]
