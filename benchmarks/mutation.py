@@ -150,14 +150,19 @@ def message_only(name: str, diff: str, source: str | None = None) -> bool:
     if not removed or [_STRING.sub('""', t) for t in removed] != [_STRING.sub('""', t) for t in added]:
         return False
     module, mangled = name.rsplit(".", 1)
-    function = mangled.split("__mutmut_")[0].split("ǁ")[-1].removeprefix("x_")
+    *owner, function = mangled.split("__mutmut_")[0].removeprefix("x_").split("ǁ")  # a method: xǁClassǁname
     source = source if source is not None else (ROOT / (module.replace(".", "/") + ".py")).read_text()
     lines = source.splitlines()
-    for node in ast.walk(ast.parse(source)):
+    scope = ast.parse(source)
+    if owner:
+        scope = next((n for n in ast.walk(scope) if isinstance(n, ast.ClassDef) and n.name == owner[-1]), scope)
+    for node in ast.walk(scope):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == function:
             spans = [(n.lineno, n.end_lineno) for n in ast.walk(node) if isinstance(n, ast.Raise) or (
                 isinstance(n, ast.Call) and ast.unparse(n.func).endswith(("warn", "Error", "Warning")))]
-            at = [i + 1 for i in range(node.lineno - 1, node.end_lineno) if lines[i] in removed]
+            # mutmut shows a method as a module-level function: compare lines without their indentation
+            at = [i + 1 for i in range(node.lineno - 1, node.end_lineno) if lines[i].strip() in
+                  {line.strip() for line in removed}]
             if len(at) >= len(removed) and all(any(a <= i <= b for a, b in spans) for i in at):
                 return True
     return False

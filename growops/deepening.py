@@ -117,12 +117,11 @@ def _new_units(s: BlockStack, layers: int) -> int:
     fixed = lay.prefix + lay.suffix
     core, rest = divmod(layers - fixed, lay.period)
     fixed_note = f" ({fixed} fixed)" if fixed else ""
-    unit_note = f" in units of {lay.period}" if lay.period > 1 else ""
     if layers < lay.size:
         raise GrowopsError(f"deepen grows: layers={layers} is fewer than {s.path}'s {lay.size} blocks{fixed_note}")
-    if rest:
-        raise GrowopsError(f"{s.path} grows{unit_note}: layers must be {fixed} plus a multiple of {lay.period}, got "
-                           f"{layers}{fixed_note}")
+    if rest:  # units of several blocks (a unit of one leaves no rest)
+        raise GrowopsError(f"{s.path} grows in units of {lay.period}: layers must be {fixed} plus a multiple of "
+                           f"{lay.period}, got {layers}{fixed_note}")
     return core
 
 

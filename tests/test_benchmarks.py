@@ -77,3 +77,23 @@ def test_mutation_sample_is_uniform_reproducible_and_its_interval_covers(monkeyp
     assert mutation.main(["sample", "200", "--seed", "3"]) == 0
     listed = (tmp_path / "sample.txt").read_text().splitlines()
     assert listed[0].startswith("# 200 of 400 mutants") and listed[1:] == first
+
+
+def test_mutation_report_finds_a_method_by_its_class():
+    """A method's mutant (``xǁClassǁname``, shown dedented by mutmut) is judged in that class's method, not in
+    another class's method of the same name."""
+    from benchmarks.mutation import message_only
+
+    source = ("class A:\n"
+              "    def load(self):\n"
+              "        return \"plan\"\n"
+              "\n"
+              "\n"
+              "class B:\n"
+              "    def load(self):\n"
+              "        raise GrowopsError(\"plan\")\n")
+    diff = "--- growops/x.py\n+++ growops/x.py\n@@ -1,2 +1,2 @@\n-    raise GrowopsError(\"plan\")\n" \
+           "+    raise GrowopsError(\"XXplanXX\")\n"
+    assert message_only("growops.x.xǁBǁload__mutmut_1", diff, source)
+    diff = "--- growops/x.py\n+++ growops/x.py\n@@ -1,2 +1,2 @@\n-    return \"plan\"\n+    return \"XXplanXX\"\n"
+    assert not message_only("growops.x.xǁAǁload__mutmut_1", diff, source)

@@ -344,3 +344,24 @@ def test_the_depth_field_of_a_sub_config_is_the_one_set():
     assert grown.model.config.decoder.num_hidden_layers == 3 and model.config.encoder.num_hidden_layers == 2
     grown = grow_depth(model, layers=6, stack="decoder.bert.encoder.layer", method="stack", example_inputs=inputs)
     assert grown.changes[1] == "config.decoder.num_hidden_layers: 3 -> 6"
+
+
+class _Alternating(nn.Module):
+    """Blocks of two kinds, alternating: the stack grows in units of two blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) if i % 2 == 0 else nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+                                     for i in range(4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def test_a_depth_that_splits_a_unit_is_refused():
+    with pytest.raises(growops.GrowopsError, match=r"layers grows in units of 2: layers must be 0 plus a multiple "
+                                                   r"of 2, got 5$"):
+        growops.deepen(_Alternating(), layers=5, example_inputs=(torch.randn(3, 4),))
+    assert len(growops.deepen(_Alternating(), layers=6, example_inputs=(torch.randn(3, 4),)).layers) == 6

@@ -1,6 +1,8 @@
+import pytest
 import torch
 from torch import nn
 
+import growops
 from growops.fx import find_block_stacks, trace_model
 from growops.fx.analysis import analyse, call_sequence
 from growops.structure import block_containers
@@ -107,3 +109,23 @@ def test_call_sequence_ignores_weights_only_and_counts_repeats():
     assert call_sequence(ep, names) == [0, 0]
     gm = trace_model(model, set(model.layers)).graph_module
     assert call_sequence(gm, names) == [0, 0]
+
+
+class _ReadsABlockWeight(nn.Module):
+    """Reads block 0's weight after the loop: while blocks are shared, which block's weight would that be?"""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 4
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(4)])
+
+    def forward(self, x):
+        for i in range(self.n):
+            x = self.layers[i](x)
+        return x * self.layers[0].weight.sum()
+
+
+def test_a_block_tensor_read_outside_the_block_is_refused_by_name():
+    with pytest.raises(growops.GrowopsError, match=r"the forward reads layers.0.weight, a tensor of layers.0, outside "
+                                                   r"the block \(`mul` \(at .*Read it inside the block"):
+        growops.plan(_ReadsABlockWeight(), example_inputs=(torch.randn(2, 4),))

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import growops
 
@@ -183,3 +184,61 @@ def test_gpt_neo_per_layer_mask_buffers():
     masks = [blk.attn.attention.bias for blk in exported.transformer.h]
     assert not torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[3])  # global, local, global, local
     assert reference.shape == before.shape
+
+
+class _TwoInputs(nn.Module):
+    """A vision-language model's shape: image and text inputs, the text's sizes in config.text_config."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, pixel_values=None, input_ids=None):
+        return self.fc(pixel_values.mean((2, 3)))
+
+
+def test_config_inputs_read_the_text_config_and_every_length_limit():
+    """The probe inputs built from a config: text ids for a model with a text_config, no longer than any limit found
+    in the config or its text_config (max_position_embeddings, n_positions, max_target_positions)."""
+    from types import SimpleNamespace
+
+    from growops.integrations.hf_inputs import config_inputs
+
+    vision = SimpleNamespace(image_size=4, num_channels=3)
+    for text, length in ((SimpleNamespace(vocab_size=50, max_position_embeddings=5), 5),
+                         (SimpleNamespace(vocab_size=50, n_positions=3), 3),
+                         (SimpleNamespace(vocab_size=50, max_target_positions=6), 6),
+                         (SimpleNamespace(vocab_size=50), 8)):
+        inputs = config_inputs(_TwoInputs(SimpleNamespace(vision_config=vision, text_config=text)))
+        assert sorted(inputs) == ["input_ids", "pixel_values"] and inputs["pixel_values"].shape == (2, 3, 4, 4)
+        assert inputs["input_ids"].shape == (2, length) and int(inputs["input_ids"].max()) < 50
+
+
+class _Audio(nn.Module):
+    """A wav2vec2-like shape: raw audio in, its length set by the feature extractor's convolutions."""
+
+    main_input_name = "input_values"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(3, 3, device="meta")
+
+    def forward(self, input_values=None):
+        return input_values
+
+
+def test_config_inputs_size_raw_audio_by_the_convolutions_on_the_model_device():
+    """input_values long enough for 16 frames after the convolutions (kernel k, stride s: (n - 1) * s + k, last
+    layer first), made on the model's device."""
+    from types import SimpleNamespace
+
+    from growops.integrations.hf_inputs import config_inputs
+
+    inputs = config_inputs(_Audio(SimpleNamespace(conv_kernel=[10, 3], conv_stride=[5, 2])))
+    assert list(inputs) == ["input_values"] and inputs["input_values"].shape == (2, ((16 - 1) * 2 + 3 - 1) * 5 + 10)
+    assert inputs["input_values"].device.type == "meta"
+    assert config_inputs(_Audio(SimpleNamespace(conv_kernel=[10, 3]))) is None  # no strides: no input

@@ -112,3 +112,11 @@ def test_per_layer_values_print_short():
     assert _short_value(torch.arange(4)) == "[0, 1, 2, 3]"
     assert _short_value(torch.arange(5)) == "tensor(5,)"
     assert _short_value("x" * 24) == repr("x" * 24)[:21] + "..." and _short_value("x" * 22) == repr("x" * 22)
+
+
+def test_a_plan_whose_blocks_no_longer_match_is_refused_naming_them():
+    model = tiny_gpt(4)
+    plan = growops.plan(model)
+    model.blocks[2].mlp.c_fc = nn.Linear(16, 32)  # block 2 changed after planning
+    with pytest.raises(GrowopsError, match=r"the plan grows blocks.2 from blocks.0, but .*mlp.c_fc"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,), plan=plan)

@@ -241,7 +241,47 @@ def test_running_statistics_of_a_nested_norm_may_change_in_a_shared_unit():
     (``norm.running_mean``): a shared unit updating them at each position is not refused."""
     from tests.test_apollo import _BufferNet
 
-    a = growops.apollo(_BufferNet(4), stages=(1, 4), stage_steps=(5,)).train()
+    a = growops.apollo(_BufferNet(4), stages=(1, 4), stage_steps=(5,), sampler="full").train()  # unit 0 at 4 positions
     before = a.model.layers[0].norm.running_mean.clone()
     a(torch.randn(6, 4))
     assert not torch.equal(a.model.layers[0].norm.running_mean, before)
+
+
+def test_a_copy_made_during_a_forward_is_not_inside_one():
+    """Forward state is not copied: a wrapper deep-copied from inside a forward (a hook taking a snapshot) starts
+    idle, so its blocks called directly are refused as usual."""
+    import copy
+
+    a = growops.apollo(_RemembersNet(), stages=(1, 4), stage_steps=(5,), plan=growops.plan(_RemembersNet())
+                       .declare(per_layer=["last"])).eval()
+    copies = []
+    a.model.layers[0].register_forward_hook(lambda module, args, out: copies.append(copy.deepcopy(a)) if not copies
+                                            else None)
+    a(torch.randn(2, 4))
+    snapshot = copies[0]
+    assert all(r.active == 0 for r in snapshot._runtimes)
+    with pytest.raises(GrowopsError, match="layers.3"):
+        snapshot.model.layers[3](torch.randn(2, 4))
+
+
+class _AlsoByList(_RemembersNet):
+    """Iterates its container, then (once `refine` is set, after wrapping) runs the last block again through a list
+    it keeps: a path the trace did not take."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra, self.refine = [self.layers[3]], False
+
+    def forward(self, x):
+        x = super().forward(x)
+        return self.extra[0](x) if self.refine else x
+
+
+def test_a_block_reached_around_the_container_inside_the_forward_is_refused():
+    a = growops.apollo(_AlsoByList(), stages=(1, 4), stage_steps=(5,), plan=growops.plan(_AlsoByList())
+                       .declare(per_layer=["last"])).eval()
+    a.model.refine = True
+    with pytest.raises(GrowopsError, match=r"layers.3 ran inside the model's forward, but layers did not hand it "
+                                           r"out for a position: .*Reach the blocks only by iterating or indexing "
+                                           r"layers"):
+        a(torch.randn(2, 4))

@@ -1,12 +1,15 @@
 import enum
 import functools
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+import growops
 from growops.values import classify, read, write
+from tests.models import tiny_gpt
 
 
 class Kind(enum.Enum):
@@ -97,3 +100,19 @@ class _Closures(nn.Module):
 def test_closures_and_views_are_compared_relative_to_their_block():
     per_layer, undecided = classify([[_Closures(i)] for i in range(3)])
     assert set(per_layer) == {"scale_fn"} and set(undecided) == {"mixed"}
+
+
+
+def test_values_that_differ_and_reach_into_their_block_are_undecided():
+    """A value that differs per block (a layer index) and holds one of the block's own modules (in a dict) cannot be
+    handed to another position, which would then run the weights of the block it reaches: growops asks to declare
+    it. The same dict without the index is part of the block (each refers to its own module at the same path)."""
+    model = tiny_gpt(4)
+    for i, block in enumerate(model.blocks):
+        block.attn.helper = {"proj": block.attn.c_proj, "index": i}
+    with pytest.raises(growops.GrowopsError, match=r"the blocks hold different values at attn.helper"):
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    for block in model.blocks:
+        del block.attn.helper["index"]
+    stack = growops.plan(model).stacks[0]
+    assert "attn.helper" not in stack.undecided_values and "attn.helper" not in stack.per_layer_values

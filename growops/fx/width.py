@@ -200,11 +200,9 @@ def _contracted(user: fx.Node, arg: fx.Node, ndim: int) -> set[int] | None:
         return {1} if position == 1 else set()
     if name == "embedding":
         return set() if position == _embedding_weight(user) else None
-    if name in ("t", "transpose", "permute", "view", "reshape"):
-        return None  # a weight reshaped before use: not followed
     if name in _ELEMENTWISE:
         return set()
-    return None
+    return None  # any other use, a weight reshaped or transposed before use among them: not followed
 
 
 def _embedding_weight(node: fx.Node) -> int:
