@@ -122,3 +122,29 @@ def train_steps(a, opt, n: int, loss_fn) -> list[float]:
         a.step(opt)
         out.append(loss.item())
     return out
+
+
+class BufferBlock(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.norm = nn.BatchNorm1d(width)
+        self.register_buffer("shift", torch.zeros(width))
+
+    def forward(self, x):
+        return x + torch.tanh(self.norm(self.fc(x))) + self.shift
+
+
+class BufferNet(nn.Module):
+    """Blocks with a BatchNorm (running statistics) and a buffer of their own."""
+
+    def __init__(self, n_layer=4):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.layers = nn.ModuleList([BufferBlock() for _ in range(n_layer)])
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.layers:
+            h = block(h)
+        return h

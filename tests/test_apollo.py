@@ -12,6 +12,7 @@ import growops
 from growops import GrowopsError, GrowopsTypeError
 from growops.maps import depth_map
 from tests.models import (
+    BufferNet,
     EncoderDecoder,
     IndexLoopNet,
     NoStack,
@@ -445,34 +446,10 @@ def test_export_after_stack_growth_in_graph_mode_equals_full_depth_with_original
         a.train()
 
 
-class _BufferBlock(nn.Module):
-    def __init__(self, width=8):
-        super().__init__()
-        self.fc = nn.Linear(width, width)
-        self.norm = nn.BatchNorm1d(width)
-        self.register_buffer("shift", torch.zeros(width))
-
-    def forward(self, x):
-        return x + torch.tanh(self.norm(self.fc(x))) + self.shift
-
-
-class _BufferNet(nn.Module):
-    def __init__(self, n_layer=4):
-        super().__init__()
-        self.inp = nn.Linear(4, 8)
-        self.layers = nn.ModuleList([_BufferBlock() for _ in range(n_layer)])
-
-    def forward(self, x):
-        h = self.inp(x)
-        for block in self.layers:
-            h = block(h)
-        return h
-
-
 @pytest.mark.parametrize("growth, sources", [("interpolate", (0, 0, 1, 1)), ("stack", (0, 1, 0, 1))])
 def test_growth_copies_buffers_and_running_statistics_from_the_source(growth, sources):
     """Buffers equal at wrapping (so not per-layer values) but changed since are copied with the weights."""
-    model = _BufferNet(4)
+    model = BufferNet(4)
     a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), growth=growth, optimizer_state="keep")
     assert not a.plan.stacks[0].per_layer_values
     with torch.no_grad():

@@ -20,6 +20,7 @@ from growops.stack import (
     unshare,
 )
 from growops.structure import Layout
+from tests.models import BufferNet
 
 
 def _blocks(n=4):
@@ -239,9 +240,7 @@ def test_state_a_shared_unit_sets_is_refused_also_under_inference_mode(inference
 def test_running_statistics_of_a_nested_norm_may_change_in_a_shared_unit():
     """BatchNorm's running statistics are trained state like weights, also in a submodule of the block
     (``norm.running_mean``): a shared unit updating them at each position is not refused."""
-    from tests.test_apollo import _BufferNet
-
-    a = growops.apollo(_BufferNet(4), stages=(1, 4), stage_steps=(5,), sampler="full").train()  # unit 0 at 4 positions
+    a = growops.apollo(BufferNet(4), stages=(1, 4), stage_steps=(5,), sampler="full").train()  # unit 0 at 4 positions
     before = a.model.layers[0].norm.running_mean.clone()
     a(torch.randn(6, 4))
     assert not torch.equal(a.model.layers[0].norm.running_mean, before)
