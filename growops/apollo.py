@@ -168,7 +168,7 @@ class Apollo(nn.Module):
         for runtime in self._runtimes:
             if runtime.owner is None or runtime.owner() is None:  # a shallow copy shares the original's runtimes
                 runtime.owner = weakref.ref(self)
-        if getattr(self, "_lr_power", 0) or getattr(self, "_rewarmup", 0):
+        if self._lr_power or self._rewarmup:
             register(self, self._unit_params())
 
     def _unit_params(self) -> list[tuple[int, nn.Parameter]]:

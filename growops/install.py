@@ -55,8 +55,9 @@ def uninstall(model: nn.Module, plan: Plan) -> nn.Module:
 
 
 def _ancestors(model: nn.Module, path: str) -> list[nn.Module]:
-    """The modules from the root down to the module at `path`, both included."""
-    parts = path.split(".") if path else []
+    """The modules from the root down to the module at `path` (never the root: find_stacks refuses a root container),
+    both included."""
+    parts = path.split(".")
     return [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
 
 

@@ -238,9 +238,12 @@ def _relative(value: Any, block: nn.Module) -> tuple | None:
 
 def _refers_to(value: Any, block: nn.Module, depth: int = 0) -> bool:
     """Whether `value` holds a reference to `block`'s own modules or tensors (directly, inside containers,
-    closures, bound methods or an object's attributes)."""
-    if depth > 4 or value is None or isinstance(value, (int, float, str, bytes, bool, enum.Enum)):
+    closures, bound methods or an object's attributes). Past the depth `_equal` compares to, it cannot tell and
+    answers True: the value is then undecided, never silently per layer."""
+    if value is None or isinstance(value, (int, float, str, bytes, bool, enum.Enum)):
         return False
+    if depth > 8:
+        return True
     if _relative(value, block) is not None:
         return True
     if isinstance(value, (tuple, list, set, frozenset)):

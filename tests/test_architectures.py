@@ -394,11 +394,11 @@ def test_state_written_into_a_shared_block_is_refused_until_declared():
         torch.testing.assert_close(a(step, start), exported(step, start))
 
 
-def _shared_grads(model_cls, checkpointed: bool, reentrant: bool = False) -> dict:
+def _shared_grads(model_cls, checkpointed: bool, reentrant: bool = False, stages=(1, 4)) -> dict:
     torch.manual_seed(0)
     model = model_cls()
     model.checkpointed, model.reentrant = checkpointed, reentrant
-    a = growops.apollo(model, stages=(1, 4), stage_steps=(5,), sampler="full")
+    a = growops.apollo(model, stages=stages, stage_steps=(5,)[:len(stages) - 1], sampler="full")
     a(torch.ones(2, 4, requires_grad=True)).square().sum().backward()  # reentrant checkpoints need an input grad
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -423,6 +423,12 @@ def test_whole_blocks_recomputed_get_their_positions_values_back():
         torch.testing.assert_close(checkpointed[name], plain[name])
     with pytest.raises(GrowopsError, match="cannot tell which position it ran at.*per-layer values \\(scale\\)"):
         _shared_grads(_CheckpointedLoop, True, reentrant=True)  # a reentrant checkpoint hides the block's output
+    # Every block its own (the last stage): a reentrant recomputation runs each block with its own values, rightly.
+    plain = _shared_grads(_CheckpointedLoop, False, stages=(4,))
+    checkpointed = _shared_grads(_CheckpointedLoop, True, reentrant=True, stages=(4,))
+    assert plain.keys() == checkpointed.keys() and len(plain) == 8
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name])
 
 
 class _CheckpointedInside(_Stack):
@@ -464,6 +470,12 @@ def test_a_method_iterating_the_container_is_refused_while_blocks_are_stale():
         model.encode(torch.randn(2, 4))
     a.step()  # every block live: the physical blocks are the model
     torch.testing.assert_close(model.encode(torch.ones(2, 4)), a(torch.ones(2, 4)))
+    model = WithEncode()
+    for layer in model.layers:
+        layer.scale = 1.0  # no per-layer values: only the blocks themselves are guarded
+    growops.apollo(model, stages=(2, 4), stage_steps=(1,), sampler="full")
+    with pytest.raises(GrowopsError, match="layers.1 ran outside the model's forward, where position 1 runs unit 0"):
+        model.encode(torch.randn(2, 4))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")

@@ -1,6 +1,7 @@
 """growops.plan: what growops will do, readable and correctable before anything changes."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -120,3 +121,20 @@ def test_a_plan_whose_blocks_no_longer_match_is_refused_naming_them():
     model.blocks[2].mlp.c_fc = nn.Linear(16, 32)  # block 2 changed after planning
     with pytest.raises(GrowopsError, match=r"the plan grows blocks.2 from blocks.0, but .*mlp.c_fc"):
         growops.apollo(model, stages=(2, 4), stage_steps=(1,), plan=plan)
+
+
+def test_hooks_of_yours_on_a_block_are_warned_about_once_at_your_call():
+    """A user's hook on a growable block's submodule fires wherever the block runs while shared: apollo says so once
+    (naming the first hooked module), and the warning points at the line that called growops.apollo."""
+    model = tiny_gpt(4)
+    for block in model.blocks[1:]:
+        block.attn.register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning) as record:
+        growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    mine = [w for w in record if "hooks of yours" in str(w.message)]
+    assert len(mine) == 1 and mine[0].filename == __file__
+    assert str(mine[0].message).startswith("growops: blocks.1.attn has hooks of yours: they fire wherever its block "
+                                           "runs while blocks are shared")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(1,))  # no hooks: no warning

@@ -284,3 +284,36 @@ def test_a_block_reached_around_the_container_inside_the_forward_is_refused():
                                            r"out for a position: .*Reach the blocks only by iterating or indexing "
                                            r"layers"):
         a(torch.randn(2, 4))
+
+
+def test_a_block_failing_while_positions_are_used_directly_still_restores_per_layer_values():
+    """Outside a forward each block handed out by positions() is a session of its own, ended by the block's call even
+    when the call raises: the unit gets its own per-layer values back."""
+    blocks = _blocks()
+    holder, runtime = _shared(blocks)
+    runtime.guard_blocks()
+    runtime.unique, runtime.depth = 1, 4
+    for i, block in enumerate(runtime.positions()):
+        if i == 2:
+            with pytest.raises(RuntimeError):
+                block(torch.randn(1, 5))  # the wrong width
+            break
+        block(torch.randn(1, 3))
+    assert [b.layer_idx for b in blocks] == [0, 1, 2, 3] and runtime._own is None
+
+
+@pytest.mark.parametrize("per_layer", [(), ("layer_idx",)])
+def test_guard_blocks_hooks_each_module_once_however_often_it_is_called(per_layer):
+    blocks = [nn.Sequential(nn.Linear(3, 3)) for _ in range(4)]
+    for i, b in enumerate(blocks):
+        b.layer_idx = i
+    holder, runtime = _shared(blocks, per_layer=per_layer)
+
+    def hooks():
+        return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for b in blocks for m in b.modules()]
+
+    runtime.guard_blocks()
+    once = hooks()
+    assert once == [(1, 1), (1 if per_layer else 0, 0)] * 4
+    runtime.guard_blocks()
+    assert hooks() == once

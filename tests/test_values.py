@@ -102,6 +102,39 @@ def test_closures_and_views_are_compared_relative_to_their_block():
     assert set(per_layer) == {"scale_fn"} and set(undecided) == {"mixed"}
 
 
+def _nested(value, levels: int, wrap) -> object:
+    for _ in range(levels):
+        value = wrap(value)
+    return value
+
+
+class _Holder:
+    def __init__(self, inner):
+        self.inner = inner
+
+
+@pytest.mark.parametrize("wrap", [lambda v: (v,), lambda v: [v], lambda v: {"k": v}, _Holder],
+                         ids=["tuple", "list", "dict", "object"])
+def test_a_reference_nested_deep_in_a_differing_value_is_still_found(wrap):
+    """A per-layer index next to one of the block's own modules nested 3 or 7 levels deep in containers or objects:
+    the reference is found (undecided). An index next to an object shared by every block (equal by identity) that
+    nests deeper than growops looks (12 levels) is undecided too: growops cannot tell whether it reaches a block."""
+    blocks = [nn.Sequential(nn.Linear(2, 2)) for _ in range(3)]
+    for levels in (3, 7):
+        for i, block in enumerate(blocks):
+            block[0].helper = (i, _nested(block[0], levels, wrap))
+        per_layer, undecided = classify([[b] for b in blocks])
+        assert "0.helper" in undecided and "0.helper" not in per_layer, levels
+    for i, block in enumerate(blocks):
+        block[0].helper = (i, _nested("no module here", 3, wrap))
+    per_layer, undecided = classify([[b] for b in blocks])
+    assert "0.helper" in per_layer and "0.helper" not in undecided
+    shared = _nested("no module here", 12, wrap)
+    for i, block in enumerate(blocks):
+        block[0].helper = (i, shared)
+    per_layer, undecided = classify([[b] for b in blocks])
+    assert "0.helper" in undecided and "0.helper" not in per_layer
+
 
 def test_values_that_differ_and_reach_into_their_block_are_undecided():
     """A value that differs per block (a layer index) and holds one of the block's own modules (in a dict) cannot be
