@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import GrowopsError, GrowopsTypeError, check_choice, check_int
+from .errors import GrowopsError, GrowopsTypeError, check_choice, check_int, warn
 from .growth import copy_units
 from .install import install, uninstall
 from .lr import REST, check_lr_options, register, scale, split_groups, warmup
@@ -278,7 +277,7 @@ class Apollo(nn.Module):
         for runtime in self._runtimes:
             runtime.cast_cache.clear()  # free the routed layers' bf16 copies between steps
         for note in notes:  # only now that the state is whole: warnings raised as errors change nothing half-way
-            warnings.warn(note, stacklevel=2)
+            warn(note)
 
     def restore_step(self, step: int) -> None:
         """Put the schedule at optimizer step `step` (stage, unique blocks, depth) without touching weights or
@@ -438,5 +437,5 @@ def _warn_non_multiples(stages: tuple[int, ...], growth: str) -> None:
         return
     bad = [f"{a} -> {b}" for a, b in zip(stages, stages[1:]) if not preserves_function(a, b, growth)]
     if bad:
-        warnings.warn(f"growops: stages {stages} grow by a non-multiple ({', '.join(bad)}); interpolation there "
-                      "does not preserve the model's function (use multiples, e.g. 1, 3, 6, 12)", stacklevel=4)
+        warn(f"growops: stages {stages} grow by a non-multiple ({', '.join(bad)}); interpolation there does not "
+             "preserve the model's function (use multiples, e.g. 1, 3, 6, 12)")

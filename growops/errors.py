@@ -1,7 +1,17 @@
-"""The one exception family growops raises for bad input.
+"""The one exception family growops raises for bad input, and its warnings.
 
-Every message names the value that was wrong and how to fix it, in the spirit of einops.
+Every message names the value that was wrong and how to fix it, in the spirit of einops. A warning points at the
+user's line that led to it (the innermost caller outside growops and torch: a forward or a backward reached through
+torch is blamed on the user's call), however deep inside growops it is raised.
 """
+
+import os
+import sys
+import warnings
+
+import torch
+
+_SKIPPED = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
 
 
 class GrowopsError(ValueError):
@@ -30,3 +40,11 @@ def check_int(what: str, value, minimum: int = 0) -> int:
     if value < minimum:
         raise GrowopsError(f"{what} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def warn(message: str) -> None:
+    """``warnings.warn(message)`` attributed to the innermost caller outside the growops and torch packages."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIPPED):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level + 1)

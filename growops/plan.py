@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import GrowopsError, GrowopsTypeError
+from .errors import GrowopsError, GrowopsTypeError, warn
 from .fx.analysis import BlockStack, analyse, call_sequence
 from .fx.passes import insert_depth_gate
 from .fx.trace import graph_trace, trace_model
@@ -440,7 +439,7 @@ def warn_block_hooks(model: nn.Module, plan: Plan) -> None:
             hooked = [name for name, m in block.named_modules()
                       if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
             if hooked:
-                warnings.warn(f"growops: {join(path, hooked[0])} has hooks of yours: they fire wherever its block "
-                              "runs while blocks are shared (at every position that shares it, never while it is not "
-                              "live yet), not at one layer's position", stacklevel=4)
+                warn(f"growops: {join(path, hooked[0])} has hooks of yours: they fire wherever its block "
+                     "runs while blocks are shared (at every position that shares it, never while it is not "
+                     "live yet), not at one layer's position")
                 return

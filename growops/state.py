@@ -14,13 +14,12 @@ import functools
 import hashlib
 import sys
 import types
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import GrowopsError
+from .errors import GrowopsError, warn
 from .schedule import Schedule
 
 STATE_VERSION = 1
@@ -64,15 +63,15 @@ def check_fingerprint(state: Any, here: dict) -> None:
     if isinstance(moved[0], str) and isinstance(moved[1], str) and ":" in moved[0] and \
             moved[0].split(":", 1)[1] == moved[1].split(":", 1)[1]:  # the same function, imported another way
         del diff["sampler"]
-        warnings.warn(f"growops: this state was saved with the sampler {moved[0]}, here it is {moved[1]}: the same "
-                      "name from another module; resuming with it", stacklevel=4)
+        warn(f"growops: this state was saved with the sampler {moved[0]}, here it is {moved[1]}: the same "
+             "name from another module; resuming with it")
     if diff:
         detail = "; ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in diff.items())
         raise GrowopsError(f"this state was saved under another schedule or model ({detail}); build apollo with "
                            "the same arguments and model to resume")
     if state.get("sampler_code") != here.get("sampler_code"):
-        warnings.warn(f"growops: the sampler {here['sampler']} has other code than the one this state was saved "
-                      "with; the depths drawn from here on may differ from the original run's", stacklevel=4)
+        warn(f"growops: the sampler {here['sampler']} has other code than the one this state was saved "
+             "with; the depths drawn from here on may differ from the original run's")
 
 
 def check_tensors(own: dict, incoming: dict, strict: bool, prefix: str = "") -> None:

@@ -14,13 +14,13 @@ import contextlib
 import glob
 import hashlib
 import os
-import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from ..errors import warn
 from .shared_linear import _wgrad_reference
 
 __all__ = ["disabled", "kernel_calls", "load", "status"]
@@ -122,12 +122,12 @@ def load(verbose: bool = False) -> ModuleType | None:
         problem = _self_check(module)
     except Exception as e:  # a missing compiler, headers or library: the reference still works
         _state["why"] = f"build failed: {type(e).__name__}: {e}"
-        warnings.warn(f"growops: the growops_cuda extension is not used ({_state['why'][:500]}); "
-                      "the reference implementation serves. Set GROWOPS_CUDA=0 to skip the build.", stacklevel=2)
+        warn(f"growops: the growops_cuda extension is not used ({_state['why'][:500]}); "
+             "the reference implementation serves. Set GROWOPS_CUDA=0 to skip the build.")
         return None
     if problem is not None:
         _state["why"] = f"self-check failed: {problem}"
-        warnings.warn(f"growops: the growops_cuda extension is not used ({_state['why']})", stacklevel=2)
+        warn(f"growops: the growops_cuda extension is not used ({_state['why']})")
         return None
     _state["module"], _state["why"] = module, "loaded"
     return module
@@ -144,6 +144,6 @@ def _linear_wgrad_cuda(grad_out: Tensor, x: Tensor, with_bias: bool) -> tuple[Te
             return dw, db
         if not _state["warned_no_algorithm"]:
             _state["warned_no_algorithm"] = True
-            warnings.warn(f"growops: cuBLASLt offered no algorithm for linear_wgrad on {tuple(grad_out.shape)} x "
-                          f"{tuple(x.shape)} {x.dtype}; the reference serves such calls", stacklevel=2)
+            warn(f"growops: cuBLASLt offered no algorithm for linear_wgrad on {tuple(grad_out.shape)} x "
+                 f"{tuple(x.shape)} {x.dtype}; the reference serves such calls")
     return _wgrad_reference(grad_out, x, with_bias)
