@@ -102,3 +102,89 @@ def test_load_tries_once_per_process(fresh_state, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: checks.append(1) or False)
     assert extension.load() is None and extension.load() is None
     assert len(checks) == 1 and extension.status() == "no CUDA device"
+
+
+def test_the_build_name_follows_every_source_and_header(monkeypatch, tmp_path):
+    """torch's JIT cache hashes only the listed sources: the name carries a hash of every .cu/.h file, so an edited
+    header gives a new build, while other files (Python, caches) do not."""
+    import shutil
+
+    import growops_cuda
+
+    for path in growops_cuda.SOURCE_DIR.glob("*.[ch]*"):
+        shutil.copy(path, tmp_path / path.name)
+    monkeypatch.setattr(growops_cuda, "SOURCE_DIR", tmp_path)
+    name = extension._build_name()
+    assert name.startswith("growops_cuda_") and len(name) == len("growops_cuda_") + 10
+    (tmp_path / "notes.py").write_text("x = 1\n")
+    assert extension._build_name() == name
+    header = tmp_path / "wgrad_lt.h"
+    header.write_text(header.read_text() + "\n// edited\n")
+    edited = extension._build_name()
+    assert edited != name
+    (tmp_path / "extra.cuh").write_text("// new\n")
+    assert extension._build_name() not in (name, edited)
+
+
+def _cuda_root(root, lib_dir: str, lib: str):
+    (root / "include").mkdir(parents=True)
+    (root / "include" / "cublasLt.h").write_text("")
+    (root / lib_dir).mkdir()
+    (root / lib_dir / lib).write_text("")
+    return root
+
+
+def test_cublaslt_flags_name_the_toolkit_or_the_wheels_library_file(monkeypatch, tmp_path):
+    """The toolkit first, then NVIDIA's wheels (which ship only libcublasLt.so.<major>: linked by file name);
+    plain -lcublasLt where neither has it."""
+    import sys
+    import types
+
+    from torch.utils import cpp_extension
+
+    wheel = types.ModuleType("nvidia")
+    wheel.__path__ = [str(tmp_path / "site" / "nvidia")]
+    monkeypatch.setitem(sys.modules, "nvidia", wheel)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert extension._cublaslt_flags() == ([], ["-lcublasLt"])
+    cu13 = _cuda_root(tmp_path / "site" / "nvidia" / "cu13", "lib", "libcublasLt.so.13")
+    assert extension._cublaslt_flags() == ([str(cu13 / "include")], [f"-L{cu13 / 'lib'}", "-l:libcublasLt.so.13"])
+    toolkit = _cuda_root(tmp_path / "cuda", "lib64", "libcublasLt.so")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
+    assert extension._cublaslt_flags() == ([str(toolkit / "include")], [f"-L{toolkit / 'lib64'}", "-l:libcublasLt.so"])
+
+
+def test_a_failed_build_or_self_check_leaves_the_reference_serving_and_says_why(fresh_state, monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("nvcc not found")
+
+    monkeypatch.delenv("GROWOPS_CUDA", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match=r"not used \(build failed: RuntimeError: nvcc not found\); the reference "
+                                         r"implementation serves. Set GROWOPS_CUDA=0"):
+        assert extension.load() is None
+    assert extension.status() == "build failed: RuntimeError: nvcc not found"
+
+    built = object()
+    monkeypatch.setitem(extension._state, "tried", False)
+    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, **kwargs: built)
+    monkeypatch.setattr(extension, "_self_check", lambda module: "dW differs from the reference by 1.00e-02")
+    with pytest.warns(UserWarning, match=r"not used \(self-check failed: dW differs from the reference by 1.00e-02\)"):
+        assert extension.load() is None
+    assert extension.status().startswith("self-check failed") and extension._state["module"] is None
+
+    calls = []
+    monkeypatch.setitem(extension._state, "tried", False)
+    monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: calls.append((args, kwargs)) or built)
+    monkeypatch.setattr(extension, "_self_check", lambda module: None if module is built else "another module")
+    assert extension.load() is built and extension.status() == "loaded"
+    import growops_cuda
+
+    (args, kwargs), = calls
+    includes, links = extension._cublaslt_flags()
+    assert args == (extension._build_name(), [str(s) for s in growops_cuda.SOURCES])
+    assert kwargs == {"extra_include_paths": includes, "extra_cuda_cflags": ["-O3"], "extra_ldflags": links,
+                      "verbose": False}
