@@ -32,7 +32,7 @@ from torch import nn
 from .errors import GrowopsError, GrowopsTypeError, warn
 from .fx.analysis import BlockStack, analyse, call_sequence
 from .fx.passes import insert_depth_gate
-from .fx.trace import graph_trace, trace_model
+from .fx.trace import example_inputs_for, graph_trace, trace_model
 from .stack import STACK_ATTR, StackRuntime, can_share, share, unshare
 from .structure import Layout, block_containers, difference, find_layout, join, module_signature
 from .values import MISSING, classify, read
@@ -86,6 +86,7 @@ class Plan:
 
 def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, example_inputs: Any = None) -> Plan:
     """Analyse `model` without changing it (see the module docstring); raise a GrowopsError naming what is missing."""
+    example_inputs_for(model, example_inputs)  # refuses inputs of a wrong type even where tracing needs none
     stacks = find_stacks(model, stack, example_inputs)
     containers = block_containers(model)
     leaves = {model.get_submodule(b) for blocks, _ in containers.values() for b in blocks}

@@ -95,11 +95,10 @@ def check_tensors(own: dict, incoming: dict, strict: bool, prefix: str = "") -> 
             raise GrowopsError(f"state_dict entry {prefix + key} is {kind}, which holds no values to load: save the "
                                "state from a model with real weights")
         if value.is_quantized != mine.is_quantized or _subclass(value) != _subclass(mine):
-            raise GrowopsError(f"state_dict entry {prefix + key} is a {_subclass(value) or 'plain tensor'} "
-                               f"({'quantized' if value.is_quantized else 'not quantized'}), this model's is a "
-                               f"{_subclass(mine) or 'plain tensor'} ({'quantized' if mine.is_quantized else 'not'} "
-                               "quantized): a sharded (DTensor) state loads into the sharded model, a full one into "
-                               "an unsharded model")
+            fix = ("load a state saved from a model quantized the same way" if value.is_quantized != mine.is_quantized
+                   else "a sharded (DTensor) state loads into the sharded model, a full one into an unsharded model")
+            raise GrowopsError(f"state_dict entry {prefix + key} is a {_kind(value)}, this model's is a {_kind(mine)}: "
+                               f"{fix}")
         if value.shape != mine.shape:
             raise GrowopsError(f"state_dict entry {prefix + key} has shape {tuple(value.shape)}, this model's has "
                                f"{tuple(mine.shape)}; was it saved from another model?")
@@ -126,6 +125,11 @@ def loading() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _kind(t: torch.Tensor) -> str:
+    """'plain tensor', 'quantized plain tensor', 'DTensor', ... (what a load must match)."""
+    return f"{'quantized ' if t.is_quantized else ''}{_subclass(t) or 'plain tensor'}"
 
 
 def _subclass(t: torch.Tensor) -> str:

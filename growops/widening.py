@@ -157,10 +157,12 @@ def _widen_by_graph(model: nn.Module, hidden: int, ffn: int | None, heads: int |
     # The stack's hidden width: the last dimension of every core block's output, and of the first one's input (in a
     # stack without residual connections nothing else ties a block's input to its output).
     outputs = [_hidden_output(gm.graph, {n for n, k in regions.items() if k == i}, stack.blocks[i]) for i in core]
-    shape = _shape(outputs[0])
-    if shape is None or any(_shape(o) != shape for o in outputs):
-        raise GrowopsError(f"cannot tell the width of {first}'s output `{outputs[0].name}`: widen needs inputs the "
-                           "model runs on (example_inputs=)")
+    shapes = [_shape(o) for o in outputs]
+    shape = shapes[0]
+    if None in shapes or len(set(shapes)) > 1:  # a width is read from tensors of one known shape
+        seen = ", ".join([f"{stack.blocks[i]}: {s}" for i, s in zip(core[:4], shapes)] + ["..."] * (len(core) > 4))
+        raise GrowopsError(f"cannot read one hidden width from the blocks' outputs ({seen}): widen grows stacks "
+                           "whose blocks keep the shape of what they pass on; widen this model by hand")
     region = {n for n, k in regions.items() if k == core[0]}
     inputs = {i for n in region for i in n.all_input_nodes if i not in region and _shape(i) == shape}
     old_hidden = shape[-1]

@@ -1,5 +1,6 @@
 import copy
 import inspect
+import re
 import warnings
 
 import pytest
@@ -157,6 +158,20 @@ def test_export_renumbers_per_layer_values():
     assert a.plan.stacks[0].per_layer_values == {"attn.layer_idx": (0, 1, 2, 3)}
     exported = a.export()
     assert [b.attn.layer_idx for b in exported.blocks] == [0, 1, 2, 3]
+
+
+def test_export_of_a_model_that_cannot_be_deep_copied_says_what_to_do():
+    class Handle:
+        def __deepcopy__(self, memo):
+            raise RuntimeError("no copy")
+
+    model = tiny_gpt(4)
+    model.handle = Handle()
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    with pytest.raises(GrowopsError, match=re.escape(
+            "export() deep-copies the model, which failed (RuntimeError: no copy); a sharded model (FSDP2) must be "
+            "gathered first: load its full state dict into an unsharded apollo of the same schedule and export that")):
+        a.export()
 
 
 def test_step_grows_and_samples_deterministically():

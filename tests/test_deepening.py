@@ -137,8 +137,11 @@ def test_layer_indices_continue_on_new_blocks():
 
 
 def test_per_layer_values_growops_cannot_continue_are_refused():
-    with pytest.raises(growops.GrowopsError, match="layer_idx"):
-        growops.deepen(_Indexed((0, 5, 1)), layers=5)
+    """The message names the value and shows its first four entries."""
+    with pytest.raises(growops.GrowopsError, match=r"^layers: the blocks hold a per-layer value at layer_idx "
+                                                   r"\(\(0, 5, 1, 2\)\.\.\.\) that growops cannot continue to new "
+                                                   r"layers \(only integers that step by a constant"):
+        growops.deepen(_Indexed((0, 5, 1, 2, 3)), layers=6)
 
 
 class _ScaledOut(nn.Module):

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import growops
 from growops import GrowopsError
 from growops.fx.trace import first_line, trace_model
 
@@ -31,3 +32,29 @@ def test_a_failure_without_a_message_is_reported_by_its_type():
     message = str(info.value)
     assert "cannot trace Picky: torch.fx.symbolic_trace failed (TraceError: " in message
     assert "torch.export failed on the example inputs: ValueError: ;" in message, message
+
+
+def test_example_inputs_of_a_wrong_type_are_refused_even_where_no_trace_needs_them():
+    """A model whose container apollo finds without tracing still refuses example_inputs it could never run on."""
+    from tests.models import tiny_gpt
+
+    for call in (growops.plan, lambda m, **kw: growops.apollo(m, stages=(2, 4), stage_steps=(1,), **kw)):
+        with pytest.raises(GrowopsError, match=r"^example_inputs must be a tensor, a tuple of args, a dict of kwargs "
+                                               r"or \(args, kwargs\), got int$"):
+            call(tiny_gpt(4), example_inputs=3)
+
+
+def test_graph_mode_without_a_symbolic_trace_is_refused_saying_what_it_needs():
+    """Blocks reached by index (only a graph rewrite can change the depth) in a forward torch.fx cannot trace (len()
+    of a tensor): export still analyses it from example inputs, and apollo says what graph mode needs."""
+    from tests.models import IndexLoopNet
+
+    class Untraceable(IndexLoopNet):
+        def forward(self, x):
+            return super().forward(x[:len(x)])
+
+    with pytest.raises(GrowopsError, match=r"^cannot change the depth of Untraceable: its forward does not iterate "
+                                           r"layers, and graph rewriting needs torch.fx.symbolic_trace, which failed "
+                                           r"\(RuntimeError: 'len' is not supported in symbolic tracing.*\)\. "
+                                           r"Iterate the container in forward"):
+        growops.apollo(Untraceable(4), stages=(2, 4), stage_steps=(1,), example_inputs=torch.randn(2, 4))

@@ -8,6 +8,7 @@ import growops
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from growops.integrations.hf import ApolloCallback  # noqa: E402
+from tests.models import IndexLoopNet  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 CONFIG = dict(n_layer=4, n_embd=32, n_head=2, vocab_size=96, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -83,6 +84,11 @@ def test_callback_rejects_what_it_cannot_drive():
     a = growops.apollo(model, stages=(1, 2, 4), stage_steps=(2, 4), resample="micro_batch")
     with pytest.raises(growops.GrowopsError, match="needs resample='step'"):
         ApolloCallback(a)
+    graph = growops.apollo(IndexLoopNet(4), stages=(2, 4), stage_steps=(1,))
+    with pytest.raises(growops.GrowopsError, match=r"^ApolloCallback needs a model whose forward iterates its block "
+                                                   r"container \(every Hugging Face model does\): this one runs "
+                                                   r"through a rewritten graph, train it as `a` in your own loop"):
+        ApolloCallback(graph)
 
 
 def test_giving_the_trainer_the_wrapper_is_refused_before_training(tmp_path):

@@ -317,3 +317,27 @@ def test_guard_blocks_hooks_each_module_once_however_often_it_is_called(per_laye
     assert once == [(1, 1), (1 if per_layer else 0, 0)] * 4
     runtime.guard_blocks()
     assert hooks() == once
+
+
+def test_a_recomputation_that_reaches_a_block_not_live_yet_is_refused():
+    """A backward that reruns a physical block the forward never handed out (a hand-written recomputation) would
+    compute with weights the stage does not train: refused, naming the block."""
+    blocks = _blocks()
+    holder, runtime = _shared(blocks)
+    runtime.guard_blocks()
+    runtime.unique, runtime.depth = 1, 4
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            blocks[3](grad)
+            return grad
+
+    x = torch.randn(1, 3, requires_grad=True)
+    with pytest.raises(GrowopsError, match=r"^layers.3 runs in the backward, but it is not live yet: a recomputation "
+                                           r"\(activation checkpointing\) reached the physical blocks$"):
+        Recompute.apply(x).sum().backward()

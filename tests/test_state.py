@@ -74,7 +74,9 @@ def test_strict_false_loads_what_matches():
     b = _make()
     b.load_state_dict(weights_only, strict=False)  # no schedule: the weights load, the schedule stays
     assert b.step_count == 0 and torch.equal(b.model.blocks[0].mlp.c_fc.weight, source.model.blocks[0].mlp.c_fc.weight)
-    with pytest.raises(GrowopsError, match="no growops schedule"):
+    with pytest.raises(GrowopsError, match=re.escape(
+            "no growops schedule (key '_extra_state'): load a plain model's weights with "
+            "a.model.load_state_dict(...), or save with a.state_dict()")):
         _make().load_state_dict(weights_only)
 
 
@@ -113,8 +115,36 @@ def test_loads_that_torch_would_half_apply_are_refused_first():
         with pytest.raises(GrowopsError, match="model.lm_head.weight is a .* tensor, which holds no values"):
             a.load_state_dict(state)
         assert _unchanged(a, before)
-    with pytest.raises(GrowopsError, match="assign=True\\) would replace the model's parameters"):
+    with pytest.raises(GrowopsError, match=re.escape(
+            "assign=True) would replace the model's parameters, which the optimizer and tied weights hold: load "
+            "without assign=True (assign=True is for a model built on the meta device)")):
         a.load_state_dict(source.state_dict(), assign=True)
+    assert _unchanged(a, before)
+
+
+def test_quantized_and_plain_tensors_do_not_load_into_each_other():
+    model = tiny_gpt(4, seed=1)
+    model.register_buffer("codes", torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8))
+    a = growops.apollo(model, stages=(1, 2, 4), stage_steps=(3, 6), seed=5)
+    state = a.state_dict()
+    before = _snapshot(a)
+    quantized = torch.quantize_per_tensor(state["model.lm_head.weight"], 0.1, 0, torch.qint8)
+    with pytest.raises(GrowopsError, match=re.escape(
+            "state_dict entry model.lm_head.weight is a quantized plain tensor, this model's is a plain tensor: load a "
+            "state saved from a model quantized the same way")):
+        a.load_state_dict({**state, "model.lm_head.weight": quantized})
+    with pytest.raises(GrowopsError, match=re.escape(
+            "state_dict entry model.codes is a plain tensor, this model's is a quantized plain tensor: load a state "
+            "saved from a model quantized the same way")):
+        a.load_state_dict({**state, "model.codes": torch.ones(3)})
+
+    class Tagged(torch.Tensor):
+        pass
+
+    with pytest.raises(GrowopsError, match=re.escape(
+            "state_dict entry model.lm_head.weight is a Tagged, this model's is a plain tensor: a sharded (DTensor) "
+            "state loads into the sharded model, a full one into an unsharded model")):
+        a.load_state_dict({**state, "model.lm_head.weight": state["model.lm_head.weight"].as_subclass(Tagged)})
     assert _unchanged(a, before)
 
 

@@ -223,14 +223,16 @@ class IgnoresHiddenSize(NormFreeMLP):
 
 
 def test_config_fields_that_do_not_size_the_model_are_refused():
-    with pytest.raises(growops.GrowopsError, match="same tensors as before"):
+    with pytest.raises(growops.GrowopsError, match="same tensors as before: its width is set by another field of its "
+                                                   "config than the ones growops changed"):
         growops.widen(IgnoresHiddenSize(OddConfig()), hidden=16)
     with pytest.raises(growops.GrowopsError, match="not one head count"):
         growops.widen(IgnoresHiddenSize(OddConfig(n_head=[2, 4])), hidden=16)
 
 
 def test_a_model_without_a_config_grows_its_hidden_width_only():
-    with pytest.raises(growops.GrowopsError, match="hidden width only"):
+    with pytest.raises(growops.GrowopsError, match=r"hidden width only \(the width of its blocks' outputs and "
+                                                   r"everything tied to it\); leave ffn and heads None"):
         growops.widen(IndexLoopNet(), hidden=16, ffn=32, example_inputs=(torch.randn(2, 4),))
     with pytest.raises(growops.GrowopsError, match="needs an input"):
         growops.widen(IndexLoopNet(), hidden=16)
@@ -274,7 +276,8 @@ class Ramped(NormFreeMLP):
 
 def test_a_function_the_plan_cannot_follow_is_refused_by_the_probe():
     model = _perturbed(Ramped(MLPConfig()), scale=0.5)
-    with pytest.raises(growops.GrowopsError, match="changed its output"):
+    with pytest.raises(growops.GrowopsError, match=r"changed its output .*computed from the width\)\. Widen it by "
+                                                   "hand, or report the model to growops"):
         growops.widen(model, hidden=16)
 
 
@@ -313,6 +316,15 @@ def test_hf_models_keep_their_function_and_round_trip(name, kwargs, tmp_path):
         loaded = type(model).from_pretrained(tmp_path).eval()
         assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
     assert model.config.hidden_size == 16
+
+
+def test_a_hf_model_whose_config_was_dropped_is_refused():
+    model = _hf("gpt2")
+    model.config = None
+    with pytest.raises(growops.GrowopsError, match=r"rebuilds GPT2LMHeadModel from its config .*and it has none "
+                                                   r"\(growops knows Hugging Face configs and a dataclass in "
+                                                   r"model\.config that type\(model\)\(config\) builds from"):
+        growops.widen(model, hidden=32)
 
 
 def test_widen_then_deepen():
@@ -576,9 +588,82 @@ class _TiedWithoutNorm(nn.Module):
 
 
 def test_a_tied_head_without_a_norm_before_it_is_refused_naming_what_feeds_it():
-    with pytest.raises(growops.GrowopsError, match=r"emb .* is used both as an embedding and as a weight contracted "
-                                                   r"over the widened dimension at `linear`.*but found `add_2` \(at "):
+    with pytest.raises(growops.GrowopsError, match=r"emb \(also used elsewhere\) is used both as an embedding and as "
+                                                   r"a weight contracted over the widened dimension at `linear`.*but "
+                                                   r"found `add_2` \(at "):
         growops.widen(_TiedWithoutNorm(), hidden=16, example_inputs=(torch.tensor([1, 2, 3]),))
+
+
+class _TiedModules(nn.Module):
+    """nn.Embedding and an output nn.Linear sharing one weight (two names), no norm before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.head = nn.Embedding(11, 8), nn.Linear(8, 11, bias=False)
+        self.head.weight = self.wte.weight
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+
+    def forward(self, ids):
+        h = self.wte(ids)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+class _SharedNorm(_TiedModules):
+    """One LayerNorm applied to the embedding and before the tied head: scaling it would change both."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, ids):
+        h = self.norm(self.wte(ids))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(self.norm(h))
+
+
+def test_a_weight_tied_under_two_names_is_refused_naming_both():
+    with pytest.raises(growops.GrowopsError, match=r"wte\.weight \(also head\.weight\) is used both as an embedding "
+                                                   r"and as a weight contracted over the widened dimension at `head`"):
+        growops.widen(_TiedModules(), hidden=16, example_inputs=(torch.tensor([[1, 2, 3]]),))
+
+
+def test_a_norm_feeding_a_tied_head_and_more_is_refused():
+    with pytest.raises(growops.GrowopsError, match="norm that feeds a tied contraction is used elsewhere too: growops "
+                                                   "cannot scale it for that contraction alone. Untie the weights "
+                                                   "before widening"):
+        growops.widen(_SharedNorm(), hidden=16, example_inputs=(torch.tensor([[1, 2, 3]]),))
+
+
+class _HalvingBlock(nn.Module):
+    """Halves the sequence (pools pairs of positions), as a funnel encoder does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, h):  # (batch, seq, width) -> (batch, seq / 2, width)
+        h = h + self.fc(h)
+        return (h[:, 0::2] + h[:, 1::2]) / 2
+
+
+class _FunnelNet(_SequenceGainNet):
+    """_SequenceGainNet's input, output and loop, over halving blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_HalvingBlock() for _ in range(3)])
+
+
+def test_blocks_whose_outputs_differ_in_shape_are_refused_showing_them():
+    """The block outputs' shapes, sequence length included, must agree for widen to read one hidden width."""
+    with pytest.raises(growops.GrowopsError, match=r"^cannot read one hidden width from the blocks' outputs "
+                                                   r"\(blocks.0: \(2, 4, 8\), blocks.1: \(2, 2, 8\), blocks.2: "
+                                                   r"\(2, 1, 8\)\): widen grows stacks whose blocks keep the shape "
+                                                   r"of what they pass on; widen this model by hand$"):
+        growops.widen(_FunnelNet(), hidden=16, example_inputs=(torch.randn(2, 8, 4),))
 
 
 class _AddmmQueries(_LearnedQueries):
