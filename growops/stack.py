@@ -119,7 +119,7 @@ class StackRuntime:
         self.owned = False  # set by the Apollo wrapper that owns this runtime (owner: a weak reference to it)
         self.owner = None
         self.wrapper_forwards = None  # resample="micro_batch": training forwards a(...) announced, not yet begun
-        self._unit_of = self._index_units()
+        self._unit_of = None  # module id -> (unit, block), built when guard first needs it
 
     # ---------------------------------------------------------------- what runs
     @property
@@ -377,7 +377,7 @@ class StackRuntime:
                     "it does not know. Apply such wrappers (activation checkpointing, say) before growops.apollo(...), "
                     "or put back a block like the others")
         self.blocks = current
-        self._unit_of = self._index_units()
+        self._unit_of = None
         self.guard_blocks()
         if self.route_replacements:
             from .ops.routing import route_shared_linears

@@ -348,7 +348,9 @@ def test_no_stack_errors_say_what_was_searched():
 
 
 def test_several_stacks_need_a_choice():
-    with pytest.raises(GrowopsError, match="several block stacks: 'encoder' \\(4 blocks\\), 'decoder' \\(2 blocks\\)"):
+    with pytest.raises(GrowopsError, match=re.escape(
+            "EncoderDecoder holds several block stacks: 'encoder' (4 blocks), 'decoder' (2 blocks); choose one with "
+            "stack='...' (stacks grown together need the same number of blocks)")):
         growops.apollo(EncoderDecoder(), stages=(1, 4), stage_steps=(1,))
     model = EncoderDecoder()
     decoder = copy.deepcopy(model.decoder.state_dict())

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -129,3 +131,46 @@ def test_a_block_tensor_read_outside_the_block_is_refused_by_name():
     with pytest.raises(growops.GrowopsError, match=r"the forward reads layers.0.weight, a tensor of layers.0, outside "
                                                    r"the block \(`mul` \(at .*Read it inside the block"):
         growops.plan(_ReadsABlockWeight(), example_inputs=(torch.randn(2, 4),))
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+class _SameBlockThrice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        block = _Residual()
+        self.layers = nn.ModuleList([block, block, block])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class _Reversed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Residual() for _ in range(3)])
+
+    def forward(self, x):
+        for layer in reversed(self.layers):
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("model, why", [
+    (_SameBlockThrice, "layers.0 and layers.1 are the same module: its blocks already share their weights, and "
+                       "growops grows stacks of distinct blocks"),
+    (_Reversed, "not a chain: layers.0 reads layers.1's output, but the blocks must run in the container's order, "
+                "layers.0 first (reversed or reordered iteration is not supported)"),
+])
+def test_containers_that_are_not_stacks_are_refused_saying_why(model, why):
+    with pytest.raises(growops.GrowopsError, match=re.escape(f"(layers (3 x _Residual): {why})")):
+        growops.plan(model())

@@ -58,3 +58,14 @@ def test_graph_mode_without_a_symbolic_trace_is_refused_saying_what_it_needs():
                                            r"\(RuntimeError: 'len' is not supported in symbolic tracing.*\)\. "
                                            r"Iterate the container in forward"):
         growops.apollo(Untraceable(4), stages=(2, 4), stage_steps=(1,), example_inputs=torch.randn(2, 4))
+
+
+def test_a_model_whose_own_dummy_inputs_fail_is_asked_for_example_inputs():
+    class PickyWithDummies(Picky):
+        @property
+        def dummy_inputs(self):
+            return torch.randn(2, 4)
+
+    with pytest.raises(GrowopsError, match=r"torch.export failed on its dummy_inputs: ValueError: ; pass one batch the "
+                                           r"model runs on as example_inputs=$"):
+        trace_model(PickyWithDummies())

@@ -48,3 +48,36 @@ def test_uninstall_unroutes_shared_linears():
     a = growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(1,), shared_linear=True)
     assert any(type(m).__name__ == "SharedLinear" for m in a.model.modules())
     assert _traces(uninstall(copy.deepcopy(a.model), a.plan)) == []
+
+
+class _Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = _Body(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_every_module_above_a_nested_container_runs_the_positions():
+    """The stack at body.layers: calling the model, or the module between it and the container directly (a Hugging
+    Face base model, say), runs the shared positions."""
+    model = _Outer()
+    a = growops.apollo(model, stages=(1, 3), stage_steps=(5,), sampler="full")
+    x = torch.randn(2, 4)
+    expected = x
+    for _ in range(3):
+        expected = expected + model.body.layers[0](expected)
+    torch.testing.assert_close(model.body(x), expected)
+    torch.testing.assert_close(a(x), model.head(expected))

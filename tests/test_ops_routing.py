@@ -312,3 +312,16 @@ def test_unroute_counts_every_layer_and_drops_their_cached_casts():
     assert set(runtime.cast_cache) == {id(model[0]), id(model[1])}
     assert unroute(model) == 2
     assert runtime.cast_cache == {}
+
+
+def test_a_block_replaced_after_wrapping_gets_routed_linears_tied_to_its_stack():
+    """shared_linear=True routes the blocks' linears; a block the user replaces later (structurally the same) is
+    adopted at the next forward with its linears routed too, casting once per forward through the stack's cache."""
+    model = tiny_gpt(4)
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), shared_linear=True)
+    replacement = copy.deepcopy(tiny_gpt(4).blocks[1])
+    model.blocks[1] = replacement
+    a(**gpt_batch())
+    linears = [m for m in replacement.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, SharedLinear) for m in linears)
+    assert all(m.__dict__["_growops_runtime"] is a._runtimes[0] for m in linears)

@@ -1,3 +1,4 @@
+import dataclasses
 import enum
 import functools
 
@@ -149,3 +150,30 @@ def test_values_that_differ_and_reach_into_their_block_are_undecided():
         del block.attn.helper["index"]
     stack = growops.plan(model).stacks[0]
     assert "attn.helper" not in stack.undecided_values and "attn.helper" not in stack.per_layer_values
+
+
+class _Ema(nn.Module):
+    """Not a normalization layer: its running_mean buffer is a per-layer value like any other."""
+
+    def __init__(self, i):
+        super().__init__()
+        self.register_buffer("running_mean", torch.full((2,), float(i)))
+
+
+@dataclasses.dataclass(eq=False)
+class _Settings:
+    window: int = 4
+
+
+def test_running_statistics_names_outside_norm_layers_and_defaults_of_closures_are_compared():
+    """A buffer named running_mean is trained state only in a normalization layer; a lambda per block that differs
+    only in a default argument differs; a dataclass with eq=False compares by identity, as its class says."""
+    blocks = []
+    for i in range(3):
+        block = nn.Sequential(nn.Linear(2, 2), _Ema(i))
+        block[0].act = lambda t, s=float(i): t * s
+        block[0].same_act = lambda t, s=1.0: t * s
+        block[0].settings = _Settings()
+        blocks.append(block)
+    per_layer, undecided = classify([[b] for b in blocks])
+    assert set(per_layer) == {"1.running_mean", "0.act", "0.settings"} and not undecided
