@@ -352,6 +352,11 @@ def test_several_stacks_need_a_choice():
             "EncoderDecoder holds several block stacks: 'encoder' (4 blocks), 'decoder' (2 blocks); choose one with "
             "stack='...' (stacks grown together need the same number of blocks)")):
         growops.apollo(EncoderDecoder(), stages=(1, 4), stage_steps=(1,))
+    balanced = EncoderDecoder()
+    balanced.decoder = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+    with pytest.raises(GrowopsError, match=re.escape(
+            "choose one with stack='...', or grow them together with stack=('encoder', 'decoder')")):
+        growops.apollo(balanced, stages=(1, 4), stage_steps=(1,))
     model = EncoderDecoder()
     decoder = copy.deepcopy(model.decoder.state_dict())
     encoder = [copy.deepcopy(layer.state_dict()) for layer in model.encoder]
