@@ -188,3 +188,27 @@ def test_a_failed_build_or_self_check_leaves_the_reference_serving_and_says_why(
     assert args == (extension._build_name(), [str(s) for s in growops_cuda.SOURCES])
     assert kwargs == {"extra_include_paths": includes, "extra_cuda_cflags": ["-O3"], "extra_ldflags": links,
                       "verbose": False}
+
+
+class _Kernel:
+    """A stand-in for the built module: the reference's answer, scaled, or no algorithm (path -1)."""
+
+    def __init__(self, db_scale=1.0, dw_scale=1.0, path=0):
+        self.db_scale, self.dw_scale, self.path = db_scale, dw_scale, path
+
+    def linear_wgrad(self, g, x, with_bias):
+        dw, db = _wgrad_reference(g, x, with_bias)
+        return dw * self.dw_scale, db * self.db_scale, self.path
+
+
+def test_the_self_check_compares_both_gradients_with_the_reference():
+    """Run on CPU with stand-in kernels: a right one passes, a wrong dW or db is named with its error, and a kernel
+    without an algorithm is reported as such."""
+    assert extension._self_check(_Kernel(), device="cpu") is None
+    assert extension._self_check(_Kernel(dw_scale=1.01), device="cpu") == \
+        "dW differs from the reference by 1.00e-02 (relative)"
+    assert extension._self_check(_Kernel(db_scale=0.5), device="cpu") == \
+        "db differs from the reference by 5.00e-01 (relative)"
+    assert extension._self_check(_Kernel(dw_scale=1 + 2e-5), device="cpu").startswith("dW differs")
+    assert extension._self_check(_Kernel(path=-1), device="cpu") == \
+        "cuBLASLt offered no algorithm for a bf16 GEMM with fp32 output"

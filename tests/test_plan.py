@@ -10,7 +10,7 @@ from torch import nn
 import growops
 from growops import GrowopsError, GrowopsTypeError
 from tests.archs import Arch
-from tests.models import IndexLoopNet, tiny_gpt
+from tests.models import IndexLoopNet, ParallelExperts, tiny_gpt
 
 
 class _Opaque:
@@ -139,3 +139,33 @@ def test_hooks_of_yours_on_a_block_are_warned_about_once_at_your_call():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(1,))  # no hooks: no warning
+
+
+class _ExpertsBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, x):
+        return x + sum(expert(x) for expert in self.experts)
+
+
+class _WithExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_ExpertsBlock() for _ in range(3)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_chosen_container_that_is_not_a_chain_is_refused_by_name():
+    """Parallel experts inside each block are a container of repeated modules, not a stack of blocks."""
+    with pytest.raises(GrowopsError, match=r"^stack='blocks.0.experts' is not called as a chain of blocks in the "
+                                           r"traced forward$"):
+        growops.plan(_WithExperts(), stack="blocks.0.experts")
+    with pytest.raises(GrowopsError, match=r"^stack='experts' is not a chain of blocks in the traced forward: experts "
+                                           r"\(4 x Linear\): not a chain: experts.1 does not read experts.0's output"):
+        growops.plan(ParallelExperts(), stack="experts")  # a container of its own: why it is not a stack

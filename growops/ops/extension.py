@@ -84,11 +84,11 @@ def _build_name() -> str:
     return f"growops_cuda_{digest.hexdigest()[:10]}"
 
 
-def _self_check(module: ModuleType) -> str | None:
+def _self_check(module: ModuleType, device: str = "cuda") -> str | None:
     """None if the kernel matches the reference on a small bf16 problem, else what differed."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    g = torch.randn(300, 48, device="cuda", generator=gen).bfloat16()
-    x = torch.randn(300, 40, device="cuda", generator=gen).bfloat16()
+    gen = torch.Generator(device=device).manual_seed(0)
+    g = torch.randn(300, 48, device=device, generator=gen).bfloat16()
+    x = torch.randn(300, 40, device=device, generator=gen).bfloat16()
     dw, db, path = module.linear_wgrad(g, x, True)
     if path < 0:
         return "cuBLASLt offered no algorithm for a bf16 GEMM with fp32 output"
