@@ -12,8 +12,12 @@
     wide = growops.widen(model, hidden=1024)  # one function-preserving width growth (Net2Net, from the graph)
 """
 
+import logging
+
 from .apollo import Apollo, apollo, plan
-from .checkpoint import load_safetensors, save_safetensors
+from .averaging import AveragedExport
+from .checkpoint import from_pretrained, load_safetensors, save_safetensors
+from .config import ApolloConfig
 from .deepening import deepen
 from .errors import GrowopsError, GrowopsTypeError
 from .fx import BlockStack, find_block_stacks, insert_depth_gate, tie_blocks, trace_model
@@ -25,7 +29,12 @@ from .recipes import gstack, gstack_growth_tokens, stackbert
 from .schedule import lvps_depth
 from .widening import widen, widen_optimizer_state
 
-__all__ = ["Apollo", "BlockStack", "GrowopsError", "GrowopsTypeError", "Plan", "apollo", "deepen", "depth_map",
-           "expand_blocks", "find_block_stacks", "growth_sources", "gstack", "gstack_growth_tokens",
-           "insert_depth_gate", "load_safetensors", "lvps_depth", "plan", "remap_optimizer_state",
-           "save_safetensors", "stackbert", "tie_blocks", "trace_model", "widen", "widen_optimizer_state"]
+__all__ = ["Apollo", "ApolloConfig", "AveragedExport", "BlockStack", "GrowopsError", "GrowopsTypeError", "Plan",
+           "apollo", "deepen", "depth_map", "expand_blocks", "find_block_stacks", "from_pretrained", "growth_sources",
+           "gstack", "gstack_growth_tokens", "insert_depth_gate", "load_safetensors", "lvps_depth", "plan",
+           "remap_optimizer_state", "save_safetensors", "stackbert", "tie_blocks", "trace_model", "widen",
+           "widen_optimizer_state"]
+
+# Growth events (INFO) and the schedule per step (DEBUG) go to the "growops" logger; the application configures
+# handlers (logging.basicConfig(level=logging.INFO), say): a library adds only a NullHandler.
+logging.getLogger("growops").addHandler(logging.NullHandler())

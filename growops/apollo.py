@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
+import os
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .averaging import refuse_averaged_copy
+from .config import ApolloConfig
 from .errors import GrowopsError, GrowopsTypeError, check_choice, check_int, warn
 from .growth import copy_units
 from .install import install, uninstall
@@ -35,12 +39,16 @@ from .state import (
     check_fingerprint,
     check_position,
     check_tensors,
+    decode_state,
+    encode_state,
     load_options,
     loading,
     sampler_identity,
 )
 
 RESAMPLE: tuple[str, ...] = ("step", "micro_batch")
+# "growops.apollo": INFO at each growth, DEBUG at each step (the library adds only a NullHandler to "growops").
+logger = logging.getLogger(__name__)
 
 
 def apollo(model: nn.Module, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 10000), sampler: SamplerSpec = "lvps",
@@ -122,6 +130,7 @@ class Apollo(nn.Module):
         self._seed = seed
         self._resample = check_choice("resample", resample, RESAMPLE)
         self._lr_scale = lr_scale
+        self._arguments = {"stack": stack, "shared_linear": shared_linear}  # for a.config, as given
         self._lr_power, self._rewarmup = check_lr_options(lr_scale, rewarmup, self._resample)
         if not (isinstance(shared_linear, bool) or (isinstance(shared_linear, str) and shared_linear == "auto")):
             raise GrowopsTypeError(f"shared_linear must be True, False or 'auto', got {shared_linear!r}")
@@ -192,6 +201,7 @@ class Apollo(nn.Module):
         return scale(uses, self._lr_power) * warmup(since, self._rewarmup)
 
     def __setstate__(self, state: dict) -> None:
+        refuse_averaged_copy()
         super().__setstate__(state)
         self._own_runtimes()  # a copy's (deepcopy, pickle) runtimes belong to the copy
 
@@ -268,15 +278,23 @@ class Apollo(nn.Module):
         depth = self._sample(self._schedule.stages[target], step)
         for runtime in self._runtimes:
             runtime.sync()
-        notes = self._step_rate.check(optimizers)
-        if self.stage < target:
-            notes += self._grow(optimizers)
+        rate = self._step_rate.check(optimizers)
+        grew, n_old = self.stage < target, self.unique_layers
+        notes = self._grow(optimizers) if grew else []
+        self._step_rate.advance(rate)
         self.step_count = step
         self._configure(self.unique_layers, depth)
         self._micro_batch = 0
         for runtime in self._runtimes:
             runtime.cast_cache.clear()  # free the routed layers' bf16 copies between steps
-        for note in notes:  # only now that the state is whole: warnings raised as errors change nothing half-way
+        if grew:
+            policy = self._policy if optimizers else "not applied: no optimizer"
+            logger.info("step %d: grew from %d to %d unique units (stage %d, growth=%r, optimizer_state=%s), "
+                        "stack %s", step, n_old, self.unique_layers, self.stage, self._growth, policy,
+                        ", ".join(self._plan.paths))
+        logger.debug("step %d: stage %d, %d unique units, next depth %d", step, self.stage, self.unique_layers,
+                     self.depth)
+        for note in rate + notes:  # only now that the state is whole: warnings raised as errors change nothing
             warn(note)
 
     def restore_step(self, step: int) -> None:
@@ -346,12 +364,41 @@ class Apollo(nn.Module):
             copy_units(units, full, runtime.per_layer)
         return out
 
-    # ---------------------------------------------------------------- state
-    def get_extra_state(self) -> dict:
-        return {"version": STATE_VERSION, "step": self.step_count, "stage": self.stage,
-                "unique": self.unique_layers, "depth": self.depth, **self._fingerprint()}
+    # ---------------------------------------------------------------- configuration and checkpoints
+    @property
+    def config(self) -> ApolloConfig:
+        """The arguments that decide this schedule, as the ``ApolloConfig`` saved beside checkpoints."""
+        builtin = self._sampler_id.get("sampler_code") is None
+        stack = self._arguments["stack"]
+        return ApolloConfig(
+            stages=tuple(self._schedule.stages), stage_steps=tuple(self._schedule.stage_steps),
+            sampler=self._sampler_name if builtin else None, growth=self._growth, optimizer_state=self._policy,
+            seed=self._seed, stack=stack if stack is None or isinstance(stack, str) else tuple(stack),
+            resample=self._resample, shared_linear=self._arguments["shared_linear"], lr_scale=self._lr_scale,
+            rewarmup=self._rewarmup, sampler_callable=None if builtin else self._sampler_name)
 
-    def set_extra_state(self, state: dict) -> None:
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the model as ``a.eval()`` computes it (``save_pretrained`` for a Hugging Face model, else
+        ``model.safetensors``) and ``growops_config.json`` (the arguments and the step) to `folder`; rebuild with
+        ``growops.from_pretrained(model, folder)``."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, folder)
+
+    def _state_at(self, step: int) -> dict:
+        """The extra state a wrapper at optimizer step `step` of this schedule saves."""
+        stage = self._schedule.stage_at(step)
+        unique = self._schedule.stages[stage]
+        return {"version": STATE_VERSION, "step": step, "stage": stage, "unique": unique,
+                "depth": self._sample(unique, step), **self._fingerprint()}
+
+    # ---------------------------------------------------------------- state
+    def get_extra_state(self) -> torch.Tensor:
+        return encode_state({"version": STATE_VERSION, "step": self.step_count, "stage": self.stage,
+                             "unique": self.unique_layers, "depth": self.depth, **self._fingerprint()})
+
+    def set_extra_state(self, state: dict | torch.Tensor) -> None:
+        state = decode_state(state)
         if loading():  # a load_state_dict (checked already): applied once the weights are in (_after_load)
             self.__dict__["_pending"] = state
         else:
@@ -367,11 +414,13 @@ class Apollo(nn.Module):
                               error_msgs):
         """``load_state_dict`` restores weights and the schedule position; the whole state is checked first, so a
         state from another schedule or model raises a GrowopsError and changes nothing, and the schedule moves only
-        once every weight is loaded."""
+        once every weight is loaded. The weights come in the exported layout (``growops.saved``) and are mapped onto
+        the live units of the saved position."""
         # torch calls this on `a` before anything under it is loaded, whoever started the load (a.load_state_dict,
         # a DDP or compile wrapper's); it passes strict=True whatever the caller asked, so read the caller's.
         strict, assign = load_options()
-        on_meta = any(t.is_meta for t in self.state_dict().values() if isinstance(t, torch.Tensor))
+        own = self.state_dict()
+        on_meta = any(t.is_meta for t in own.values() if isinstance(t, torch.Tensor))
         if (assign or local_metadata.get("assign_to_params_buffers")) and not on_meta:
             raise GrowopsError("load_state_dict(..., assign=True) would replace the model's parameters, which the "
                                "optimizer and tied weights hold: load without assign=True (assign=True is for a model "
@@ -381,14 +430,34 @@ class Apollo(nn.Module):
                                "assign=True (then build the optimizer), or move the model to a device first")
         incoming = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if EXTRA in incoming:
-            self._check_state(incoming[EXTRA])
+            self._check_state(decode_state(incoming[EXTRA]))
         elif strict:
             raise GrowopsError(f"this state_dict has no growops schedule (key {prefix + EXTRA!r}): load a plain "
                                "model's weights with a.model.load_state_dict(...), or save with a.state_dict()")
-        check_tensors(self.state_dict(), incoming, strict, prefix)
+        check_tensors(own, incoming, strict, prefix)
         self.__dict__["_pending"] = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _incoming_unique(self) -> int | None:
+        """The live units of the state being loaded into this model now, whose exported layout ``growops.saved``
+        maps onto the live units; None for a state saved physically (before the exported layout)."""
+        pending = self.__dict__.get("_pending")
+        if pending is not None:  # a.load_state_dict: the saved position
+            return pending["unique"] if pending.get("version", STATE_VERSION) >= 2 else None
+        source = self.__dict__.get("_position_source")  # a Trainer checkpoint being loaded, say
+        step = source(self) if source is not None else None
+        if step is not None:
+            self.__dict__["_pending_step"] = step
+            return self._schedule.stages[self._schedule.stage_at(step)]
+        return self.unique_layers
+
+    def _after_model_load(self) -> None:
+        """A load into ``a.model`` is over: if its position came from a position source (a Trainer checkpoint), the
+        schedule moves to that step now, with the weights."""
+        step = self.__dict__.pop("_pending_step", None)
+        if step is not None:
+            self.restore_step(step)
 
     def _fingerprint(self) -> dict:
         return {"stages": list(self._schedule.stages), "stage_steps": list(self._schedule.stage_steps),

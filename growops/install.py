@@ -7,7 +7,8 @@ stack's chain of block calls is replaced by a depth gate. ``uninstall`` removes 
 copy of the model (classes, hooks, markers, routed linears), which is how ``export`` starts.
 
 Invariant: ``uninstall(copy.deepcopy(model))`` after ``install(model, ...)`` is a plain model of the original class,
-with the original state_dict keys and no growops hooks or attributes.
+with the original state_dict keys and no growops hooks or attributes. An installed model's state dict is written in the
+layout ``export`` has (``growops.saved``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .fx.passes import GATE, insert_depth_gate
 from .fx.trace import graph_trace
 from .ops.routing import unroute
 from .plan import Plan
+from .saved import remove_state_hooks, state_hooks
 from .stack import StackRuntime, mark, scope_forwards, share, unscope, unshare
 
 
@@ -25,8 +27,10 @@ def install(model: nn.Module, plan: Plan, growth: str) -> tuple[list[StackRuntim
     """Runtimes for `plan`'s stacks, and the graph runner to call instead of the model (graph mode) or None."""
     runtimes = [StackRuntime(model.get_submodule(s.path), s.layout, s.per_layer_values, growth, s.path,
                              s.constant_values) for s in plan.stacks]
-    for runtime in runtimes:
+    for s, runtime in zip(plan.stacks, runtimes):
         runtime.guard_blocks()
+        ancestors = _ancestors(model, s.path)
+        state_hooks(runtime, [(m, ".".join(s.path.split(".")[i:])) for i, m in enumerate(ancestors)])
     if plan.mode == "container":
         for s, runtime in zip(plan.stacks, runtimes):
             share(runtime.container, runtime)
@@ -50,6 +54,7 @@ def uninstall(model: nn.Module, plan: Plan) -> nn.Module:
     for s in plan.stacks:
         unshare(model.get_submodule(s.path))
     unscope(model)
+    remove_state_hooks(model)
     unroute(model)
     return model
 

@@ -17,6 +17,7 @@ from collections.abc import MutableMapping, Sequence
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import GrowopsError, GrowopsTypeError, check_choice
 
@@ -55,44 +56,71 @@ def _is_optimizer(opt) -> bool:
 
 
 class StepRate:
-    """Warns once if ``a.step()`` comes twice without a step of the optimizer in between (called once per
-    micro-batch, say, which runs the schedule too fast). Counts each optimizer's steps with a post-step hook."""
+    """Warns once if ``a.step(optimizer)`` comes without a step of that optimizer since the previous ``a.step()`` (or,
+    at the first call, since the wrapper was built): ``a.step()`` called once per micro-batch, which runs the schedule
+    too fast, or an optimizer step a GradScaler skipped (fp16 overflow: ``scaler.step(opt)`` does not call
+    ``opt.step()``). The schedule counts ``a.step()`` calls, so either way it has moved on by one.
+
+    A global optimizer step post-hook (installed with the first wrapper) records, for every ``torch.optim.Optimizer``,
+    the process-wide number of optimizer steps taken at its latest step; the wrapper keeps that number as of its
+    previous ``a.step()``. An optimizer stepped since then iff its record is larger: the first call is judged like the
+    others, whenever the optimizer was built. Optimizers that are not ``torch.optim.Optimizer`` run no hooks and are
+    not checked."""
 
     def __init__(self):
-        self.steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its step counter
+        install_step_counter()
+        self.mark = _counter.steps  # process-wide optimizer steps as of the previous a.step() (or the wrapper's birth)
         self.warned = False
 
     def check(self, optimizers: Sequence[torch.optim.Optimizer]) -> list[str]:
-        """The warning to give (at most once), and start counting afresh."""
-        notes = []
-        for opt in optimizers:
-            count = self.steps.get(opt)
-            if count is None:  # first seen: count its steps from now on
-                count = self.steps[opt] = _StepCount()
-                opt.register_step_post_hook(count)
-            elif count.steps == 0 and not self.warned:
-                self.warned = True
-                notes.append("growops: a.step(optimizer) was called twice without optimizer.step() between: call it "
-                             "once per optimizer step, after all micro-batches, or the schedule runs too fast (an "
-                             "optimizer step skipped by mixed-precision overflow also shows here)")
-            count.steps = 0
-        return notes
+        """The warning to give (at most once); changes nothing (``advance`` does, once the step is taken)."""
+        skipped = [opt for opt in optimizers if isinstance(opt, torch.optim.Optimizer)
+                   and _counter.last.get(opt, -1) <= self.mark]
+        if not skipped or self.warned:
+            return []
+        name = type(skipped[0]).__name__
+        return [f"growops: a.step(optimizer) was called without {name}.step() since the previous a.step() (or, at the "
+                "first call, since the model was wrapped): either a.step() runs more than once per optimizer step "
+                "(once per micro-batch, say: call it once per optimizer step, after all micro-batches), or the "
+                "optimizer step was skipped, as torch.amp.GradScaler does when fp16 gradients overflow (inf/NaN). The "
+                "schedule counts a.step() calls, not optimizer steps, so it has moved on by one step either way (as a "
+                "Trainer's global_step does); this warning is given once"]
+
+    def advance(self, notes: Sequence[str]) -> None:
+        """The step was taken: count afresh from here; `notes` (from ``check``) were given."""
+        self.mark = _counter.steps
+        self.warned = self.warned or bool(notes)
 
     def __getstate__(self) -> dict:
-        return {"warned": self.warned}  # the optimizers it counts are not part of the model
+        return {"warned": self.warned}  # the step count is this process's (a copy counts from its birth)
 
     def __setstate__(self, state: dict) -> None:
-        self.steps, self.warned = weakref.WeakKeyDictionary(), state["warned"]
+        install_step_counter()
+        self.mark, self.warned = _counter.steps, state["warned"]
 
 
-class _StepCount:
-    """An optimizer step post-hook that counts the optimizer's steps (picklable, unlike a closure)."""
+class _StepCounter:
+    """Process-wide: ``steps`` optimizer steps taken since growops started counting, and ``last[opt]``, the value of
+    ``steps`` at `opt`'s latest step."""
 
     def __init__(self):
         self.steps = 0
+        self.last: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.installed = False
 
     def __call__(self, optimizer, args, kwargs) -> None:
         self.steps += 1
+        self.last[optimizer] = self.steps
+
+
+_counter = _StepCounter()
+
+
+def install_step_counter() -> None:
+    """Count every optimizer's steps from now on (a global optimizer step post-hook, installed once)."""
+    if not _counter.installed:
+        register_optimizer_step_post_hook(_counter)
+        _counter.installed = True
 
 
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, blocks: Sequence[nn.Module | Sequence[nn.Module]],

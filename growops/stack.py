@@ -383,6 +383,13 @@ class StackRuntime:
             from .ops.routing import route_shared_linears
             route_shared_linears([current[i] for i in replaced], runtime=self)
 
+    def __setstate__(self, state: dict) -> None:
+        if state.get("owned"):
+            from .averaging import refuse_averaged_copy
+
+            refuse_averaged_copy()
+        self.__dict__.update(state)
+
     def __getstate__(self) -> dict:
         # Casts and forward state are not state; ids change in a copy.
         return {**self.__dict__, "cast_cache": {}, "active": 0, "_own": None, "_state": {}, "_handed": set(),

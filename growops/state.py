@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import sys
 import types
 from typing import Any
@@ -22,8 +23,25 @@ import torch
 from .errors import GrowopsError, warn
 from .schedule import Schedule
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: weights in the exported layout (growops.saved); 1: physical slots, loaded as they are
 EXTRA = "_extra_state"
+
+
+def encode_state(state: dict) -> torch.Tensor:
+    """The schedule state as a uint8 tensor of its JSON text: tensors-only formats (safetensors through accelerate's
+    ``save_state``, a Trainer's) store it like a weight. ``decode_state`` reads it back."""
+    return torch.tensor(list(json.dumps(state, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def decode_state(value: Any) -> Any:
+    """The schedule state saved as `value`: a tensor from ``encode_state`` read back, a dict (a state saved before,
+    or edited by hand) as it is; anything else is returned for ``check_fingerprint`` to refuse."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
+        try:
+            return json.loads(bytes(value.tolist()).decode())
+        except ValueError:
+            return value
+    return value
 
 
 def sampler_identity(name: str, sampler: Any) -> dict:
@@ -55,7 +73,7 @@ SAVED_BEFORE = {"lr_scale": "none", "rewarmup": 0}
 def check_fingerprint(state: Any, here: dict) -> None:
     """Raise a GrowopsError unless `state` was saved under the same arguments (`here`); warn if only a custom
     sampler's code differs."""
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+    if not isinstance(state, dict) or state.get("version") not in (1, STATE_VERSION):
         raise GrowopsError(f"unrecognised growops state {_short(state)}: expected a dict saved by a.state_dict()")
     saved = {**SAVED_BEFORE, **state}
     diff = {k: (saved.get(k), v) for k, v in here.items() if k != "sampler_code" and not _same(saved.get(k), v)}
@@ -85,7 +103,7 @@ def check_tensors(own: dict, incoming: dict, strict: bool, prefix: str = "") -> 
                                f"{unexpected[:5]}; was it saved from another model? "
                                "(load_state_dict(..., strict=False) loads what matches)")
     for key, value in incoming.items():
-        mine = own.get(key)
+        mine = own.get(key) if key != EXTRA else None  # the schedule state is checked by check_fingerprint
         if not isinstance(mine, torch.Tensor):
             continue
         if not isinstance(value, torch.Tensor):

@@ -12,6 +12,7 @@ from torch import nn
 import growops
 from growops import GrowopsError, GrowopsTypeError
 from growops.maps import depth_map
+from growops.state import decode_state
 from tests.models import (
     BufferNet,
     EncoderDecoder,
@@ -284,7 +285,8 @@ def test_state_dict_round_trip_and_resume():
     expected = train(a, opt, 3)
     b = make()
     b.load_state_dict(saved["model"])
-    assert (b.step_count, b.stage, b.unique_layers, b.depth) == (3, 1, 2, saved["model"]["_extra_state"]["depth"])
+    depth = decode_state(saved["model"]["_extra_state"])["depth"]
+    assert (b.step_count, b.stage, b.unique_layers, b.depth) == (3, 1, 2, depth)
     opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2)
     opt_b.load_state_dict(saved["opt"])
     assert train(b, opt_b, 3) == pytest.approx(expected, abs=1e-6)
@@ -299,7 +301,7 @@ def test_loading_another_schedule_raises_and_changes_nothing():
         a.load_state_dict(other.state_dict())
     after = a.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if torch.is_tensor(before[k]))
-    assert before["_extra_state"] == after["_extra_state"]
+    assert torch.equal(before["_extra_state"], after["_extra_state"])
     with pytest.raises(GrowopsError, match="no growops schedule"):
         a.load_state_dict(a.model.state_dict())
 
@@ -561,6 +563,7 @@ def test_an_optimizer_without_the_grown_blocks_warns_once_and_names_them():
     a = growops.apollo(model, stages=(1, 2, 4), stage_steps=(1, 2))
     opt = torch.optim.AdamW(list(model.blocks[0].parameters()) + list(model.wte.parameters()), lr=1e-3)
     more = len(list(model.blocks[1].parameters())) - 5  # five named, the rest counted
+    opt.step()
     with pytest.warns(UserWarning, match=rf"optimizer does not hold blocks.1.ln_1.weight, .* and {more} more: these "
                                          r"blocks are live now but will never train"):
         a.step(opt)
@@ -568,7 +571,7 @@ def test_an_optimizer_without_the_grown_blocks_warns_once_and_names_them():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         a.step(opt)
-    with pytest.warns(UserWarning, match="called twice without optimizer.step\\(\\) between"):
+    with pytest.warns(UserWarning, match="without AdamW.step\\(\\) since the previous a.step\\(\\)"):
         a.step(opt)  # once per micro-batch, say
 
 
@@ -749,3 +752,94 @@ def test_micro_batch_resampling_needs_the_wrapper():
         a.model(**gpt_batch())
     a.eval()
     a.model(**gpt_batch())  # evaluation draws nothing
+
+
+@pytest.mark.parametrize("skipped", [1, 3])
+def test_an_optimizer_step_a_grad_scaler_skips_warns_at_the_first_step_as_at_later_ones(skipped):
+    """A GradScaler that finds an inf gradient skips opt.step(); a.step(opt) still counts the step (the schedule
+    counts a.step() calls, as the Trainer's global_step does) and warns once, the first step included."""
+    a = growops.apollo(tiny_gpt(4), stages=(1, 2, 4), stage_steps=(2, 4), seed=0)
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for step in range(1, 6):
+        scaler.scale(_gpt_loss(a, gpt_batch())).backward()
+        if step == skipped:
+            next(p for p in a.parameters() if p.grad is not None).grad[0].fill_(float("inf"))  # an fp16 overflow
+        scale = scaler.get_scale()
+        before = [p.detach().clone() for p in a.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        moved = any(not torch.equal(p, q) for p, q in zip(a.parameters(), before))
+        assert moved == (step != skipped) and (scaler.get_scale() < scale) == (step == skipped)
+        if step == skipped:
+            with pytest.warns(UserWarning, match=r"a.step\(optimizer\) was called without AdamW.step\(\) since the "
+                                                 r"previous a.step\(\) \(or, at the first call, since the model was "
+                                                 r"wrapped\).*as torch.amp.GradScaler does when fp16 gradients "
+                                                 r"overflow.*The schedule counts a.step\(\) calls"):
+                a.step(opt)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                a.step(opt)
+        assert a.step_count == step  # the skipped step counts
+    assert (a.stage, a.unique_layers) == (2, 4)
+
+
+def test_the_step_rate_warning_is_given_once_and_only_for_torch_optimizers():
+    model = tiny_gpt(4)
+    early = torch.optim.SGD(model.parameters(), lr=1e-2)
+    early.step()  # before the model was wrapped: not a step since
+    a = growops.apollo(model, stages=(2, 4), stage_steps=(3,))
+    with pytest.warns(UserWarning, match=r"without SGD.step\(\) since the previous a.step\(\) \(or, at the first call"):
+        a.step(early)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a.step(early)  # given once
+    assert a.step_count == 2
+
+    b = growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(3,))
+    opt = torch.optim.SGD(b.parameters(), lr=1e-2)  # built after the wrapper
+
+    class NotTorch:  # an optimizer-like object without torch's step hooks: not checked
+        def __init__(self):
+            self.param_groups, self.state = [{"params": list(b.parameters())}], {}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+        b.step(opt, NotTorch())
+        b.step(NotTorch())
+    assert b.step_count == 2
+
+    c = growops.apollo(tiny_gpt(4), stages=(2, 4), stage_steps=(1,))
+    opt = torch.optim.SGD(c.parameters(), lr=1e-2)
+    opt.step()
+    with pytest.raises(GrowopsError, match="hold none of"):
+        c.step(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-2))  # refused: counts nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c.step(opt)  # the optimizer stepped since the last step taken
+    assert c.step_count == 1
+
+
+def test_growth_is_logged_at_info_and_the_schedule_at_debug(caplog):
+    import logging
+
+    a = growops.apollo(tiny_gpt(4), stages=(1, 2, 4), stage_steps=(2, 3), growth="stack", optimizer_state="copy",
+                       sampler="unique")
+    opt = torch.optim.AdamW(a.parameters(), lr=1e-3)
+    with caplog.at_level(logging.INFO, logger="growops"):
+        train_steps(a, opt, 3, lambda m, step: _gpt_loss(m, gpt_batch()))
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("growops.apollo", "INFO", "step 2: grew from 1 to 2 unique units (stage 1, growth='stack', "
+                                   "optimizer_state=copy), stack blocks"),
+        ("growops.apollo", "INFO", "step 3: grew from 2 to 4 unique units (stage 2, growth='stack', "
+                                   "optimizer_state=copy), stack blocks")]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="growops"), pytest.warns(UserWarning, match="without AdamW.step"):
+        a.step(opt)  # a step without the optimizer's is warned about, and logged like any other
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("DEBUG", "step 4: stage 2, 4 unique units, next depth 4")]
+    assert logging.getLogger("growops").handlers and all(
+        isinstance(h, logging.NullHandler) for h in logging.getLogger("growops").handlers)

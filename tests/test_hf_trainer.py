@@ -30,10 +30,10 @@ def _data():
     return rows
 
 
-def _trainer(a, out, **kwargs):
+def _trainer(a, out, report_to=(), **kwargs):
     args = transformers.TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=2,
-                                          gradient_accumulation_steps=2, logging_steps=1, report_to=[], use_cpu=True,
-                                          learning_rate=1e-3, seed=0, **kwargs)
+                                          gradient_accumulation_steps=2, logging_steps=1, report_to=list(report_to),
+                                          use_cpu=True, learning_rate=1e-3, seed=0, **kwargs)
     return transformers.Trainer(model=a.model, args=args, train_dataset=_data(), callbacks=[ApolloCallback(a)])
 
 
@@ -122,3 +122,32 @@ def test_resuming_a_trainer_checkpoint_under_another_schedule_is_refused(tmp_pat
         _trainer(b, tmp_path / "resumed", save_strategy="no").train(
             resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
     assert b.step_count == 0
+
+
+@pytest.mark.parametrize("added", [False, True])
+def test_the_schedule_reaches_tensorboard_at_every_logged_step(tmp_path, added):
+    """The Trainer's reporting callbacks (TensorBoard, W&B, ...) come before the user's in its list; the growops
+    values must be in the logs before they see them, for a callback given to the Trainer or added to it later."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    a = _apollo()
+    trainer = _trainer(a, tmp_path / "out", save_strategy="no", report_to=["tensorboard"])
+    if added:  # last in the list, after the progress callback too; no on_init_end
+        trainer.add_callback(trainer.pop_callback(ApolloCallback))
+    assert isinstance(trainer.callback_handler.callbacks[-1 if added else 0], ApolloCallback)
+    trainer.train()
+    assert isinstance(trainer.callback_handler.callbacks[0], ApolloCallback)
+    events = sorted((tmp_path / "out").rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    expected = _apollo()
+    for name in ("stage", "unique_layers", "depth"):
+        logged = [(e.step, e.value) for e in acc.Scalars(f"train/growops/{name}")]
+        want = []
+        for step in range(1, 7):
+            expected.restore_step(step)
+            want.append((step, float(getattr(expected, name))))
+        assert sorted(set(logged)) == want, name  # the final summary log (train_runtime, ...) repeats step 6
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 7))

@@ -8,8 +8,9 @@ import growops
 
 def test_public_api():
     assert set(growops.__all__) == {
-        "Apollo", "BlockStack", "GrowopsError", "GrowopsTypeError", "Plan", "apollo", "deepen", "depth_map",
-        "expand_blocks", "find_block_stacks", "growth_sources", "gstack", "gstack_growth_tokens", "insert_depth_gate",
+        "Apollo", "ApolloConfig", "AveragedExport", "BlockStack", "GrowopsError", "GrowopsTypeError", "Plan", "apollo",
+        "deepen", "depth_map", "expand_blocks", "find_block_stacks", "from_pretrained", "growth_sources", "gstack",
+        "gstack_growth_tokens", "insert_depth_gate",
         "load_safetensors", "lvps_depth", "plan", "remap_optimizer_state", "save_safetensors", "stackbert",
         "tie_blocks", "trace_model", "widen", "widen_optimizer_state"}
     assert {"branch_zeros", "width_plan", "width_groups"} <= set(growops.fx.__all__)

@@ -9,6 +9,7 @@ import torch
 
 import growops
 from growops import GrowopsError
+from growops.state import decode_state
 from tests.models import EncoderDecoder, gpt_batch, tiny_gpt, train_steps
 
 
@@ -22,7 +23,7 @@ def _snapshot(a):
 
 def _unchanged(a, before) -> bool:
     after = a.state_dict()
-    return before["_extra_state"] == after["_extra_state"] and all(
+    return torch.equal(before["_extra_state"], after["_extra_state"]) and all(
         torch.equal(before[k], after[k]) for k in before if k != "_extra_state")
 
 
@@ -39,7 +40,7 @@ def test_inconsistent_schedule_fields_are_refused_before_anything_changes(field,
     for _ in range(4):
         source.step()
     state = source.state_dict()
-    state["_extra_state"] = dict(state["_extra_state"], **{field: value})
+    state["_extra_state"] = dict(decode_state(state["_extra_state"]), **{field: value})
     a = _make()
     before = _snapshot(a)
     with pytest.raises(GrowopsError, match=match):
@@ -72,8 +73,15 @@ def test_strict_false_loads_what_matches():
     assert torch.equal(a.model.blocks[1].attn.c_attn.weight, source.model.blocks[1].attn.c_attn.weight)
     weights_only = {k: v for k, v in source.state_dict().items() if k != "_extra_state"}
     b = _make()
-    b.load_state_dict(weights_only, strict=False)  # no schedule: the weights load, the schedule stays
-    assert b.step_count == 0 and torch.equal(b.model.blocks[0].mlp.c_fc.weight, source.model.blocks[0].mlp.c_fc.weight)
+    before = copy.deepcopy(b.model.state_dict())
+    # No schedule: the weights describe 2 unique blocks, which b (at 1) cannot run; refused, nothing written.
+    with pytest.raises(GrowopsError, match="not a model the schedule can run: model.blocks.0.ln_1.weight and "
+                       "model.blocks.2.ln_1.weight differ, but with 1 unique blocks of 4 positions 0 and 2 of blocks"):
+        b.load_state_dict(weights_only, strict=False)
+    assert b.step_count == 0 and all(torch.equal(v, b.model.state_dict()[k]) for k, v in before.items())
+    b.restore_step(4)  # at the weights' position they load, and the schedule stays
+    b.load_state_dict(weights_only, strict=False)
+    assert b.step_count == 4 and torch.equal(b.model.blocks[1].mlp.c_fc.weight, source.model.blocks[1].mlp.c_fc.weight)
     with pytest.raises(GrowopsError, match=re.escape(
             "no growops schedule (key '_extra_state'): load a plain model's weights with "
             "a.model.load_state_dict(...), or save with a.state_dict()")):
@@ -187,6 +195,7 @@ def test_partials_and_bound_methods_are_told_apart():
 
 def test_the_same_sampler_imported_another_way_resumes_with_a_warning():
     state = _make(sampler=_deep_sampler).state_dict()
+    state["_extra_state"] = decode_state(state["_extra_state"])
     module, qualname = state["_extra_state"]["sampler"].split(":")
     state["_extra_state"]["sampler"] = f"__main__:{qualname}"  # saved from a script, resumed from a module
     with pytest.warns(UserWarning, match="the same name from another module"):
@@ -257,7 +266,8 @@ def test_the_fingerprint_covers_the_stack():
 
 def test_the_fingerprint_covers_the_depth_l():
     state = _make().state_dict()
-    state["_extra_state"]["layers"] = 5  # L follows from the last stage: only a hand-edited state can differ in it
+    # L follows from the last stage: only a hand-edited state can differ in it
+    state["_extra_state"] = dict(decode_state(state["_extra_state"]), layers=5)
     with pytest.raises(GrowopsError, match=re.escape("(layers: saved 5, here 4)")):
         _make().load_state_dict(state)
 

@@ -6,18 +6,33 @@
 
 The Trainer trains your own model object (growops replaced its block container in place, so ``a.model`` runs the
 sampled depth); the callback calls ``a.step(optimizer)`` after each optimizer step (after all gradient
-accumulation micro-batches), puts the schedule back at the checkpoint's step when the Trainer resumes, and adds
-``growops/stage``, ``growops/unique_layers`` and ``growops/depth`` to the logs.
+accumulation micro-batches), writes ``growops_config.json`` into every checkpoint (``growops.from_pretrained`` reads
+it), and adds
+``growops/stage``, ``growops/unique_layers`` and ``growops/depth`` to the logs. The Trainer calls callbacks in list
+order and puts its reporting callbacks (TensorBoard, W&B, ...) before yours, so the callback moves itself to the front
+of that list (``ApolloCallback._run_first``): every reporter logs these values (TensorBoard as
+``train/growops/stage``, ...).
+
+Every checkpoint's weights are the model ``a.eval()`` computed at its step (``growops.saved``). When the Trainer loads
+one of its checkpoints into ``a.model`` (resuming, or reloading the best model at the end), ``trainer_checkpoint_step``
+reads the checkpoint's step and schedule fingerprint from its ``trainer_state.json`` during the load: a checkpoint of
+another schedule raises before any weight is written, and the schedule moves to that step with the weights.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import weakref
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..apollo import Apollo
-from ..errors import GrowopsError
+from ..config import save_config
+from ..errors import GrowopsError, warn
 from ..state import STATE_VERSION, check_fingerprint
 
 STATE_KEY = "growops"  # the schedule's fingerprint in the Trainer's state (trainer_state.json)
@@ -38,9 +53,45 @@ class ApolloCallback(TrainerCallback):
                                "Hugging Face model does): this one runs through a rewritten graph, train it as "
                                "`a` in your own loop instead")
         self.apollo = apollo
+        # A Trainer that loads one of its checkpoints into a.model (resume, best model) loads the weights of that
+        # checkpoint's step: growops reads the step there, checks the schedule and moves it with the weights.
+        apollo.__dict__["_position_source"] = trainer_checkpoint_step
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._check_model(model)
+        self._run_first()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._run_first()  # a callback added after the Trainer was built (trainer.add_callback) saw no on_init_end
+
+    def _run_first(self) -> None:
+        """Move this callback to the front of the Trainer's callback list, so the values ``on_log`` adds reach the
+        reporting callbacks (TensorBoard, W&B, ...), which the Trainer puts before the user's and calls in list order.
+        The list is the ``CallbackHandler`` whose ``call_event`` called this callback's ``on_init_end`` (callbacks
+        given to the Trainer) or ``on_step_begin`` (callbacks added later or moved back), found on the stack: before
+        any training log. Were it not found (Trainer internals changed), a warning says how to do it by hand."""
+        frame, handler = sys._getframe(1), None
+        for _ in range(4):  # _run_first <- on_init_end / on_step_begin <- CallbackHandler.call_event
+            if frame is None:
+                break
+            if isinstance(frame.f_locals.get("self"), CallbackHandler):
+                handler = frame.f_locals["self"]
+                break
+            frame = frame.f_back
+        at = next((i for i, c in enumerate(handler.callbacks) if c is self), None) if handler is not None else None
+        if at is None:
+            if not self.__dict__.get("_warned_order"):
+                self._warned_order = True
+                warn("growops: ApolloCallback could not find the Trainer's callback list, so it cannot run ahead of "
+                     "the reporting callbacks: growops/stage, growops/unique_layers and growops/depth reach "
+                     "trainer.state.log_history but not TensorBoard or W&B. Put it first by hand: "
+                     "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(ApolloCallback))")
+            return
+        if all(isinstance(c, ApolloCallback) for c in handler.callbacks[:at]):
+            return  # first already (behind another ApolloCallback at most)
+        # call_event is iterating this list: moving the current entry to the front leaves the entries after it at
+        # their indices, so every callback still runs once for this event.
+        handler.callbacks.insert(0, handler.callbacks.pop(at))
 
     def _check_model(self, model) -> None:
         if model is self.apollo or isinstance(model, Apollo):
@@ -65,6 +116,12 @@ class ApolloCallback(TrainerCallback):
         if state.global_step > 0 and state.global_step != self.apollo.step_count:
             self.apollo.restore_step(state.global_step)
 
+    def on_save(self, args, state, control, **kwargs):
+        # Beside the weights: the arguments and the step, so growops.from_pretrained(model, checkpoint) rebuilds `a`.
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            save_config(folder, self.apollo.config, self.apollo.step_count)
+
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         # One a.step() per optimizer step, even if the callback was added twice.
         last = self.apollo.__dict__.get("_trainer_step")
@@ -76,9 +133,48 @@ class ApolloCallback(TrainerCallback):
         state.stateful_callbacks[STATE_KEY] = self.apollo._fingerprint()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        # This callback runs first (_run_first), so every reporting callback after it logs these values too.
         values = {"growops/stage": self.apollo.stage, "growops/unique_layers": self.apollo.unique_layers,
                   "growops/depth": self.apollo.depth}
         if logs is not None:
             logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
+
+
+def trainer_checkpoint_step(a: Apollo) -> int | None:
+    """The optimizer step of the Trainer checkpoint being loaded into ``a.model`` now (``Trainer`` resuming, or
+    reloading its best model), after checking that it was saved under `a`'s schedule; None when no Trainer is
+    loading one of its checkpoints, or the checkpoint holds no growops schedule."""
+    folder = _trainer_checkpoint_folder()
+    if folder is None:
+        return None
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            trainer_state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    saved = (trainer_state.get("stateful_callbacks") or {}).get(STATE_KEY)
+    step = trainer_state.get("global_step")
+    if not isinstance(saved, dict) or not isinstance(step, int):
+        return None
+    try:
+        check_fingerprint({"version": STATE_VERSION, **saved}, a._fingerprint())
+    except GrowopsError as e:
+        raise GrowopsError(f"{folder}: {e}") from None
+    return step
+
+
+def _trainer_checkpoint_folder() -> str | None:
+    """The checkpoint folder a ``Trainer`` is loading weights from now, read from its frame on the stack."""
+    codes = {Trainer._load_from_checkpoint.__code__: "resume", Trainer._load_best_model.__code__: "best"}
+    frame = sys._getframe(1)
+    while frame is not None:
+        kind = codes.get(frame.f_code)
+        if kind == "resume":
+            return frame.f_locals.get("resume_from_checkpoint")
+        if kind == "best":
+            trainer = frame.f_locals.get("self")
+            return getattr(getattr(trainer, "state", None), "best_model_checkpoint", None)
+        frame = frame.f_back
+    return None
