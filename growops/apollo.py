@@ -31,6 +31,7 @@ from .maps import check_growth, depth_map, growth_sources, preserves_function
 from .ops.routing import route_shared_linears
 from .optim_state import StepRate, apply_states, check_policy, new_states, unwrap_optimizers
 from .plan import Plan, check_plan, make_plan, refuse_undecided, warn_block_hooks
+from .saved import being_loaded
 from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
 from .stack import in_backward
 from .state import (
@@ -299,8 +300,9 @@ class Apollo(nn.Module):
 
     def restore_step(self, step: int) -> None:
         """Put the schedule at optimizer step `step` (stage, unique blocks, depth) without touching weights or
-        optimizer state: for weights restored from a checkpoint of that step by other means (a Trainer checkpoint,
-        say). Prefer ``load_state_dict``, which checks that the state belongs to this schedule."""
+        optimizer state: call it before loading plain weights saved at that step into ``a.model`` (they are read at
+        the schedule's position). Prefer ``a.load_state_dict`` or ``growops.from_pretrained``, which restore the
+        position with the weights and check that the state belongs to this schedule."""
         step = check_int("restore_step's step", step)
         stage = self._schedule.stage_at(step)
         depth = self._sample(self._schedule.stages[stage], step)
@@ -419,7 +421,7 @@ class Apollo(nn.Module):
         # torch calls this on `a` before anything under it is loaded, whoever started the load (a.load_state_dict,
         # a DDP or compile wrapper's); it passes strict=True whatever the caller asked, so read the caller's.
         strict, assign = load_options()
-        own = self.state_dict()
+        own = self.state_dict(keep_vars=True)  # the tensors as they sit: their kinds and shapes are what loads into
         on_meta = any(t.is_meta for t in own.values() if isinstance(t, torch.Tensor))
         if (assign or local_metadata.get("assign_to_params_buffers")) and not on_meta:
             raise GrowopsError("load_state_dict(..., assign=True) would replace the model's parameters, which the "
@@ -439,18 +441,23 @@ class Apollo(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _incoming_unique(self) -> int | None:
-        """The live units of the state being loaded into this model now, whose exported layout ``growops.saved``
-        maps onto the live units; None for a state saved physically (before the exported layout)."""
+    def _incoming_position(self) -> tuple[int | None, int | None]:
+        """``(unique, step)`` of the state being loaded into this model now: its live units, whose exported layout
+        ``growops.saved`` maps onto the live units (None for a state saved physically, before the exported layout),
+        and the step the schedule must move to once the weights are in, when that comes from a position source (a
+        Trainer checkpoint; None otherwise). Reads only; ``_expect_step`` records that step after the map-in."""
         pending = self.__dict__.get("_pending")
-        if pending is not None:  # a.load_state_dict: the saved position
-            return pending["unique"] if pending.get("version", STATE_VERSION) >= 2 else None
+        if pending is not None and being_loaded(self):  # a.load_state_dict: the saved position (_after_load applies it)
+            return (pending["unique"] if pending.get("version", STATE_VERSION) >= 2 else None), None
         source = self.__dict__.get("_position_source")  # a Trainer checkpoint being loaded, say
         step = source(self) if source is not None else None
         if step is not None:
-            self.__dict__["_pending_step"] = step
-            return self._schedule.stages[self._schedule.stage_at(step)]
-        return self.unique_layers
+            return self._schedule.stages[self._schedule.stage_at(step)], step
+        return self.unique_layers, None
+
+    def _expect_step(self, step: int | None) -> None:
+        """The load now running was checked: once its weights are in, the schedule moves to `step` (if any)."""
+        self.__dict__["_pending_step"] = step
 
     def _after_model_load(self) -> None:
         """A load into ``a.model`` is over: if its position came from a position source (a Trainer checkpoint), the

@@ -23,8 +23,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .errors import GrowopsError, GrowopsTypeError
-from .saved import exported_sources
-from .values import read
+from .saved import exported_sources, per_layer_tensors
 
 
 class AveragedExport(AveragedModel):
@@ -59,8 +58,7 @@ class ExportedView:
         """name -> the name whose tensor the export holds there."""
         out = {}
         for runtime in self.a._runtimes:
-            own = {id(v) for unit in runtime.units() for p in runtime.per_layer
-                   if isinstance(v := read(unit, p), torch.Tensor)}
+            own = per_layer_tensors(runtime)
             pairs = exported_sources(runtime.unique, runtime.layers, runtime.growth, runtime.layout.unit)
             for target, source in pairs:
                 head, src = f"{runtime.path}.{runtime.names[target]}.", f"{runtime.path}.{runtime.names[source]}."

@@ -138,7 +138,18 @@ def from_pretrained(model: nn.Module, folder: str | os.PathLike, **overrides) ->
         raise GrowopsTypeError(f"from_pretrained takes the model to wrap (not wrapped yet), got a "
                                f"{type(model).__name__}")
     config, step = load_config(folder)
-    if "sampler" in overrides:  # a callable sampler given again
+    schedule = sorted(set(overrides) - OVERRIDABLE)
+    if schedule:
+        raise GrowopsError(f"from_pretrained continues the schedule saved in {folder}; {schedule} cannot be given "
+                           f"again (only {sorted(OVERRIDABLE)}). To train under other arguments, build "
+                           "growops.apollo(model, ...) yourself and load plain weights before wrapping")
+    if "sampler" in overrides:  # a callable sampler given again: the one saved
+        from .schedule import resolve_sampler
+
+        name, _ = resolve_sampler(overrides["sampler"])
+        if config.sampler_callable is None or name != config.sampler_callable:
+            raise GrowopsError(f"sampler={name} given again, but {folder} was trained with "
+                               f"{config.sampler_callable or repr(config.sampler)}: give that one")
         config = dataclasses.replace(config, sampler_callable=None)
     kwargs = {**config.kwargs(), **overrides}
     weights = _read_weights(model, Path(folder))
@@ -151,6 +162,9 @@ def from_pretrained(model: nn.Module, folder: str | os.PathLike, **overrides) ->
         uninstall(model, a.plan)  # the model as it was (no weight was written: every load check comes first)
         raise
     return a
+
+
+OVERRIDABLE = {"sampler", "plan", "example_inputs", "shared_linear"}  # what from_pretrained may be given again
 
 
 def _load_tied(a: Apollo, state: dict) -> None:
@@ -169,7 +183,17 @@ def _load_tied(a: Apollo, state: dict) -> None:
 def _read_weights(model: nn.Module, folder: Path) -> dict:
     """The state dict saved in `folder` (exported layout), keys as ``model.state_dict()`` has them."""
     if _is_hf(model) and (folder / "config.json").is_file():
-        plain = type(model).from_pretrained(str(folder))  # the model's own loader: shards, renamed keys, ties
+        saved_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        if saved_type != getattr(model.config, "model_type", None):
+            raise GrowopsError(f"{folder} holds a {saved_type!r} model, this is a {model.config.model_type!r} "
+                               f"({type(model).__name__}): build the model the folder was saved from")
+        # The model's own loader (shards, renamed keys, tied weights), on the model's own config: a missing or
+        # mismatched weight is refused, never initialised afresh.
+        plain, info = type(model).from_pretrained(str(folder), config=model.config, output_loading_info=True)
+        wrong = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if wrong:
+            raise GrowopsError(f"{folder} does not fit this {type(model).__name__}: {wrong}; build the model the "
+                               "folder was saved from (same class and config)")
         return plain.state_dict()
     path = folder / WEIGHTS
     if not path.is_file():

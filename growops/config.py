@@ -72,8 +72,9 @@ def load_config(folder: str | os.PathLike) -> tuple[ApolloConfig, int]:
     or damaged."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise GrowopsError(f"{folder} has no {CONFIG_NAME}: save with a.save_pretrained(folder), or train with the "
-                           "Trainer's ApolloCallback, which writes it into every checkpoint")
+        raise GrowopsError(f"{folder} has no {CONFIG_NAME}: save with a.save_pretrained(folder) (the Trainer's "
+                           "ApolloCallback writes it into every checkpoint-N folder, not into trainer.save_model's: "
+                           "call a.save_pretrained there)")
     try:
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT:

@@ -23,6 +23,7 @@ and rejected with a GrowopsError otherwise; it is never ignored.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -423,8 +424,9 @@ class _Guard:
         return None
 
     def __deepcopy__(self, memo: dict) -> _Guard:
-        copied = memo.get(id(self.runtime))
-        return self if copied is None else _Guard(copied, self.kind)
+        if id(self.runtime) not in memo and id(self.runtime.container) not in memo:
+            return self  # one block copied alone
+        return _Guard(copy.deepcopy(self.runtime, memo), self.kind)  # the stack is copied: guard the copy
 
 
 def scope_forwards(runtime: StackRuntime, modules: Sequence[nn.Module]) -> list[tuple[nn.Module, int]]:

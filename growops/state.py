@@ -27,10 +27,17 @@ STATE_VERSION = 2  # 2: weights in the exported layout (growops.saved); 1: physi
 EXTRA = "_extra_state"
 
 
+ENCODED = 2048  # bytes of the encoded state (zero-padded): one shape at every step, as torch.distributed.checkpoint
+# needs to load a saved state into a fresh model's
+
+
 def encode_state(state: dict) -> torch.Tensor:
-    """The schedule state as a uint8 tensor of its JSON text: tensors-only formats (safetensors through accelerate's
-    ``save_state``, a Trainer's) store it like a weight. ``decode_state`` reads it back."""
-    return torch.tensor(list(json.dumps(state, sort_keys=True).encode()), dtype=torch.uint8)
+    """The schedule state as a uint8 tensor of its JSON text, zero-padded to a multiple of ENCODED bytes:
+    tensors-only formats (safetensors through accelerate's ``save_state``, a Trainer's) store it like a weight.
+    ``decode_state`` reads it back."""
+    text = json.dumps(state, sort_keys=True).encode()
+    size = -(-len(text) // ENCODED) * ENCODED
+    return torch.tensor(list(text.ljust(size, b"\0")), dtype=torch.uint8)
 
 
 def decode_state(value: Any) -> Any:
@@ -38,7 +45,7 @@ def decode_state(value: Any) -> Any:
     or edited by hand) as it is; anything else is returned for ``check_fingerprint`` to refuse."""
     if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
         try:
-            return json.loads(bytes(value.tolist()).decode())
+            return json.loads(bytes(value.tolist()).rstrip(b"\0").decode())
         except ValueError:
             return value
     return value

@@ -94,3 +94,16 @@ def test_a_refused_from_pretrained_leaves_the_model_as_it_was(tmp_path):
         growops.from_pretrained(tiny_gpt(4), tmp_path)
     with pytest.raises(GrowopsError, match="is a file; give a folder"):
         a.save_pretrained(tmp_path / "growops_config.json")
+
+
+def test_from_pretrained_takes_again_only_what_does_not_change_the_schedule(tmp_path):
+    a = _train(growops.apollo(tiny_gpt(4), stages=(1, 2, 4), stage_steps=(2, 4)), 3)
+    a.save_pretrained(tmp_path)
+    for override in ({"seed": 9}, {"stage_steps": (1, 2)}, {"growth": "stack"}, {"optimizer_state": "copy"}):
+        with pytest.raises(GrowopsError, match=rf"from_pretrained continues the schedule saved in .*; "
+                                               rf"\['{next(iter(override))}'\] cannot be given again"):
+            growops.from_pretrained(tiny_gpt(4), tmp_path, **override)
+    with pytest.raises(GrowopsError, match="sampler=full given again, but .* was trained with 'lvps': give that one"):
+        growops.from_pretrained(tiny_gpt(4), tmp_path, sampler="full")
+    b = growops.from_pretrained(tiny_gpt(4), tmp_path, shared_linear=False)
+    assert b.step_count == 3

@@ -155,3 +155,27 @@ def test_accelerate_save_state_and_load_state_with_safetensors_resume_weights_an
     accelerator.load_state(str(tmp_path))
     assert (b.step_count, b.unique_layers, b.depth) == (3, 2, a.depth)
     torch.testing.assert_close(_logits(b), expected, rtol=0, atol=0)
+
+
+def test_a_second_trainer_on_a_grown_wrapper_resumes_at_the_schedule_s_own_step(tmp_path):
+    a = _apollo(stage_steps=(2, 8))
+    _trainer(a, tmp_path / "first", save_strategy="no", max_steps=4).train()
+    _trainer(a, tmp_path / "second").train()  # Trainer steps 1..6 are growops steps 5..10: grows at 8
+    b = _apollo(stage_steps=(2, 8))
+    _trainer(b, tmp_path / "first-b", save_strategy="no", max_steps=4).train()
+    _trainer(b, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "second" / "checkpoint-3"))
+    assert (b.step_count, b.unique_layers) == (a.step_count, a.unique_layers) == (10, 4)
+    torch.testing.assert_close(_logits(b.model), _logits(a.model), rtol=0, atol=0)
+
+
+def test_from_pretrained_refuses_a_folder_of_another_model(tmp_path):
+    a = _apollo()
+    a.save_pretrained(tmp_path)
+    head = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(**CONFIG, num_labels=2))
+    with pytest.raises(growops.GrowopsError, match=r"does not fit this GPT2ForSequenceClassification: "
+                                                   r"\{'missing_keys': \{'score.weight'\}\}"):
+        growops.from_pretrained(head, tmp_path)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2))
+    with pytest.raises(growops.GrowopsError, match="holds a 'gpt2' model, this is a 'llama'"):
+        growops.from_pretrained(llama, tmp_path)

@@ -75,8 +75,9 @@ def test_strict_false_loads_what_matches():
     b = _make()
     before = copy.deepcopy(b.model.state_dict())
     # No schedule: the weights describe 2 unique blocks, which b (at 1) cannot run; refused, nothing written.
-    with pytest.raises(GrowopsError, match="not a model the schedule can run: model.blocks.0.ln_1.weight and "
-                       "model.blocks.2.ln_1.weight differ, but with 1 unique blocks of 4 positions 0 and 2 of blocks"):
+    with pytest.raises(GrowopsError, match="not a model the schedule can run: model.blocks.0.attn.c_attn.bias and "
+                       "model.blocks.2.attn.c_attn.bias differ, but with 1 unique blocks of 4 they are positions of "
+                       "blocks that run the same block"):
         b.load_state_dict(weights_only, strict=False)
     assert b.step_count == 0 and all(torch.equal(v, b.model.state_dict()[k]) for k, v in before.items())
     b.restore_step(4)  # at the weights' position they load, and the schedule stays

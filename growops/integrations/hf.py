@@ -107,14 +107,17 @@ class ApolloCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._check_model(model)
-        # Resuming from a Trainer checkpoint restores weights and optimizer state but not the schedule. A Trainer
-        # that starts at step 0 while the schedule has moved on (trained before, or a second train() call without
-        # resuming) continues the schedule: rewinding it would regrow blocks over trained weights.
+        # Resuming: the load of the checkpoint's weights moved the schedule already (trainer_checkpoint_step); this
+        # covers loads that bypass load_state_dict. The schedule's own step is saved beside the fingerprint (a
+        # wrapper trained by an earlier Trainer is ahead of this one's global_step). A Trainer that starts at step 0
+        # while the schedule has moved on (trained before, or a second train() call without resuming) continues the
+        # schedule: rewinding it would regrow blocks over trained weights.
         saved = state.stateful_callbacks.get(STATE_KEY) if state.global_step > 0 else None
         if saved is not None:  # resuming from a checkpoint this callback saved: the same schedule?
             check_fingerprint({"version": STATE_VERSION, **saved}, self.apollo._fingerprint())
-        if state.global_step > 0 and state.global_step != self.apollo.step_count:
-            self.apollo.restore_step(state.global_step)
+        step = _saved_step(saved, state.global_step)
+        if state.global_step > 0 and step != self.apollo.step_count:
+            self.apollo.restore_step(step)
 
     def on_save(self, args, state, control, **kwargs):
         # Beside the weights: the arguments and the step, so growops.from_pretrained(model, checkpoint) rebuilds `a`.
@@ -129,8 +132,9 @@ class ApolloCallback(TrainerCallback):
             return
         self.apollo.__dict__["_trainer_step"] = (weakref.ref(state), state.global_step)
         self.apollo.step(optimizer)  # unwraps accelerate's optimizer to the one that holds the state
-        # The Trainer saves this in its checkpoints (trainer_state.json), so a resume can check the schedule.
-        state.stateful_callbacks[STATE_KEY] = self.apollo._fingerprint()
+        # The Trainer saves this in its checkpoints (trainer_state.json), so a resume can check the schedule and
+        # find its step.
+        state.stateful_callbacks[STATE_KEY] = {**self.apollo._fingerprint(), "step": self.apollo.step_count}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # This callback runs first (_run_first), so every reporting callback after it logs these values too.
@@ -155,14 +159,23 @@ def trainer_checkpoint_step(a: Apollo) -> int | None:
     except (OSError, ValueError):
         return None
     saved = (trainer_state.get("stateful_callbacks") or {}).get(STATE_KEY)
-    step = trainer_state.get("global_step")
-    if not isinstance(saved, dict) or not isinstance(step, int):
+    if not isinstance(saved, dict):
+        return None
+    step = _saved_step(saved, trainer_state.get("global_step"))
+    if not isinstance(step, int):
         return None
     try:
         check_fingerprint({"version": STATE_VERSION, **saved}, a._fingerprint())
     except GrowopsError as e:
         raise GrowopsError(f"{folder}: {e}") from None
     return step
+
+
+def _saved_step(saved: dict | None, global_step):
+    """The schedule's step saved beside the fingerprint, or the Trainer's (checkpoints of growops before it saved one,
+    where the two were the same)."""
+    step = (saved or {}).get("step", global_step)
+    return step if isinstance(step, int) and not isinstance(step, bool) else global_step
 
 
 def _trainer_checkpoint_folder() -> str | None:
