@@ -92,6 +92,10 @@ def plan(model: nn.Module, stack: str | Sequence[str] | None = None, example_inp
     return make_plan(model, stack, example_inputs)
 
 
+class _NoForwardCode(GrowopsError, AttributeError):
+    """``a.forward.__code__``: growops' dispatcher has no code of its own."""
+
+
 class _Forward:
     """``Apollo.forward`` with the wrapped model's signature, so tools that inspect it (Trainer) see the model's."""
 
@@ -102,6 +106,14 @@ class _Forward:
 
     def __call__(self, *args, **kwargs):
         return self.owner._run(*args, **kwargs)
+
+    @property
+    def __code__(self):
+        # What reads a forward's code (torch.export.export(a)) would capture one step of a schedule: say what to do.
+        # An AttributeError too, so hasattr(a.forward, "__code__") is False as before.
+        raise _NoForwardCode("a.forward runs growops' schedule, which has no code of its own to export: "
+                           "torch.export.export(a, ...) would capture one step of it. Export the plain model a.eval() "
+                           "computes: torch.export.export(a.export(), args)")
 
 
 class Apollo(nn.Module):
@@ -191,8 +203,10 @@ class Apollo(nn.Module):
         ``lr_scale`` and ``rewarmup`` need): ``torch.optim.AdamW(a.param_groups(), lr=...)``. `groups` are your own
         (parameters, or dicts with "params" and options such as weight_decay); ``a.parameters()`` if None. Every
         option is kept; each group gets a ``"growops_unit"`` entry (-1: outside the units)."""
-        return split_groups(self.parameters() if groups is None else groups,
-                            {id(p): u for u, p in self._unit_params()})
+        units = self._unit_params()
+        if self._lr_power or self._rewarmup:
+            register(self, units)  # parameters added since wrapping (an adapter, to_empty()) are scaled too
+        return split_groups(self.parameters() if groups is None else groups, {id(p): u for u, p in units})
 
     def lr_factor(self, unit: int) -> float:
         """The multiplier ``lr_scale`` and ``rewarmup`` put on the learning rate of `unit`'s parameter groups (-1:

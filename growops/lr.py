@@ -108,6 +108,10 @@ def _scale_lrs(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         owners = {(o, u) for o, u in owners if o is not None}
         if not owners:
             continue
+        if any(p not in _UNITS for p in group["params"]):
+            raise GrowopsError(f"optimizer parameter group {i} mixes parameters growops scales with parameters it does "
+                               "not know (added after the optimizer's groups were made, an adapter say): build the "
+                               "optimizer from a.param_groups(...) after every parameter exists")
         if len(owners) > 1:
             what = ("parameters of several wrapped models" if len({id(o) for o, _ in owners}) > 1 else
                     f"parameters of units {sorted(u for _, u in owners)} (-1: outside the growable units)")

@@ -141,19 +141,24 @@ class BlockLoad:
     def __init__(self, runtime):
         self.runtime = runtime
 
-    def __call__(self, block: nn.Module, *_) -> None:
+    def __call__(self, module: nn.Module, *_) -> None:
         r = self.runtime
-        if r.unique == r.layers or _outer_hooked_load(r, block):
+        if r.unique == r.layers:
             return
-        index = next((i for i, b in enumerate(r.blocks) if b is block), None)
-        if index is None or index not in r.layout.core():
+        if r._unit_of is None:
+            r._unit_of = r._index_units()
+        found = r._unit_of.get(id(module))  # the unit and block `module` is part of, if any
+        if found is None or _outer_hooked_load(r, module):
             return
+        block = found[1]
+        index = next(i for i, b in enumerate(r.blocks) if b is block)
         unit = (index - r.layout.prefix) // r.layout.period
         runs = [p for p, u in enumerate(depth_map(r.unique, r.layers, r.growth)) if u == unit]
         where = f"positions {runs}" if runs else "no position (it is not live yet)"
-        raise GrowopsError(f"{r.path}.{r.names[index]} was loaded on its own while blocks are shared: it holds unit "
-                           f"{unit}, which runs at {where}. Load the whole model's state dict (or {r.path}'s), which "
-                           "growops maps onto the blocks, or load before wrapping")
+        part = "" if module is block else f" ({next(n for n, m in block.named_modules() if m is module)} of it)"
+        raise GrowopsError(f"{r.path}.{r.names[index]}{part} was loaded on its own while blocks are shared: it holds "
+                           f"unit {unit}, which runs at {where}. Load the whole model's state dict (or {r.path}'s), "
+                           "which growops maps onto the blocks, or load before wrapping")
 
     def __deepcopy__(self, memo: dict) -> BlockLoad:
         if id(self.runtime) not in memo and id(self.runtime.container) not in memo:
@@ -207,6 +212,15 @@ def _check_load(module: nn.Module, state_dict: dict, prefix: str) -> None:
                            "optimizer and tied weights hold: load without assign=True (assign=True is for a model "
                            "built on the meta device)")
     check_tensors(own, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict, prefix)
+
+
+def check_whole(module: nn.Module, runtimes, state_dict: dict, unique: int) -> None:
+    """Check a whole state for `module` (the model that holds `runtimes`' stacks, keys without prefix) as the loads
+    of its parts (shards, one by one) will be checked together: shapes, and positions that run one unit holding
+    equal tensors. Writes nothing; raises a GrowopsError naming what is wrong."""
+    check_tensors(module.state_dict(keep_vars=True), state_dict, False)
+    for runtime in runtimes:
+        map_in(runtime, dict(state_dict), f"{runtime.path}.", unique)
 
 
 def map_in(runtime, state_dict: dict, head: str, unique: int, partial: bool = False) -> None:
@@ -279,7 +293,8 @@ def state_hooks(runtime, ancestors: Sequence[tuple[nn.Module, str]]) -> None:
     runtime.container.register_state_dict_post_hook(ExportedState(runtime))
     for u in range(runtime.layers):
         for block in runtime.unit(u):
-            block.register_load_state_dict_pre_hook(BlockLoad(runtime))
+            for module in block.modules():
+                module.register_load_state_dict_pre_hook(BlockLoad(runtime))
     for module, below in ancestors:
         module.register_load_state_dict_pre_hook(MapIn(runtime, below))
         module.register_load_state_dict_post_hook(MapInDone(runtime))

@@ -59,9 +59,13 @@ class _Position(torch.autograd.Function):
     the backward reaches the block itself (where activation checkpointing recomputes it)."""
 
     @staticmethod
-    def forward(ctx, tensor, runtime, block, position):
-        ctx.mark = (runtime, block, position)
+    def forward(tensor, runtime, block, position):
         return tensor.view_as(tensor)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # a separate setup_context: torch.func transforms (grad, vjp) need it
+        _, runtime, block, position = inputs
+        ctx.mark = (runtime, block, position)
 
     @staticmethod
     def backward(ctx, grad):

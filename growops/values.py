@@ -52,7 +52,7 @@ def classify(units: Sequence[Sequence[nn.Module]]) -> tuple[dict[str, tuple], di
         named = [dict(block.named_modules()) for block in blocks]
         for sub_path in named[0]:
             subs = [n[sub_path] for n in named]
-            for attr, kind in _candidates(subs):
+            for attr, kind in _candidates(subs, sub_path):
                 path = prefix + (f"{sub_path}.{attr}" if sub_path else attr)
                 values = tuple(_get(s, attr, kind) for s in subs)
                 verdict = _all_equal(values, blocks, top=0 if kind == "attr" else -1)
@@ -68,10 +68,29 @@ def classify(units: Sequence[Sequence[nn.Module]]) -> tuple[dict[str, tuple], di
 
 
 def is_state_buffer(block: nn.Module, name: str) -> bool:
-    """Whether buffer `name` of `block` is a normalization layer's running statistic (trained state, like a weight)."""
+    """Whether the buffer or attribute `name` of `block` is state that belongs to a weight (``weight_state``)."""
     owner_path, _, attr = name.rpartition(".")
     owner = block.get_submodule(owner_path) if owner_path else block
-    return attr in _STATE_BUFFERS and isinstance(owner, nn.modules.batchnorm._NormBase)
+    return weight_state(owner, attr, owner_path)
+
+
+def weight_state(module: nn.Module, attr: str, path: str) -> bool:
+    """Whether `attr` of `module` (at `path` inside its block) is state that belongs to a weight, shared and grown
+    with it, never a per-layer value: a normalization layer's running statistics; anything inside a parametrization
+    (``torch.nn.utils.parametrize``: spectral norm's power-iteration vectors, say); a pruning mask and the weight
+    that ``torch.nn.utils.prune`` recomputes from it at every call."""
+    if attr in _STATE_BUFFERS and isinstance(module, nn.modules.batchnorm._NormBase):
+        return True
+    if "parametrizations" in path.split("."):
+        return True
+    from torch.nn.utils.prune import BasePruningMethod, PruningContainer
+
+    for hook in module._forward_pre_hooks.values():
+        methods = hook._pruning_methods if isinstance(hook, PruningContainer) else (hook,)
+        if any(isinstance(m, BasePruningMethod) and attr in (m._tensor_name, f"{m._tensor_name}_mask")
+               for m in methods):
+            return True
+    return False
 
 
 def read(unit: Sequence[nn.Module], path: str) -> Any:
@@ -109,17 +128,18 @@ def _locate(unit: Sequence[nn.Module], path: str) -> tuple[nn.Module, str]:
     return (block.get_submodule(owner_path) if owner_path else block), attr
 
 
-def _candidates(subs: list[nn.Module]) -> list[tuple[str, str]]:
-    """``(name, "buffer" | "attr")`` for every buffer and non-internal attribute found in any of `subs`."""
+def _candidates(subs: list[nn.Module], path: str = "") -> list[tuple[str, str]]:
+    """``(name, "buffer" | "attr")`` for every buffer and non-internal attribute found in any of `subs` (the module at
+    `path` of each block) that is not state belonging to a weight."""
     out, seen = [], set()
     for sub in subs:
         for name in sub._buffers:
-            is_state = name in _STATE_BUFFERS and isinstance(sub, nn.modules.batchnorm._NormBase)
-            if (name, "buffer") not in seen and not is_state:
+            if (name, "buffer") not in seen and not weight_state(sub, name, path):
                 seen.add((name, "buffer"))
                 out.append((name, "buffer"))
         for name in vars(sub):
-            if name not in _MODULE_INTERNALS and name not in sub._buffers and (name, "attr") not in seen:
+            if name not in _MODULE_INTERNALS and name not in sub._buffers and (name, "attr") not in seen and \
+                    not weight_state(sub, name, path):
                 seen.add((name, "attr"))
                 out.append((name, "attr"))
     return out

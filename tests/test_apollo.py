@@ -843,3 +843,15 @@ def test_growth_is_logged_at_info_and_the_schedule_at_debug(caplog):
         ("DEBUG", "step 4: stage 2, 4 unique units, next depth 4")]
     assert logging.getLogger("growops").handlers and all(
         isinstance(h, logging.NullHandler) for h in logging.getLogger("growops").handlers)
+
+
+def test_torch_export_of_the_wrapper_says_to_export_the_plain_model():
+    a = growops.apollo(tiny_gpt(4), stages=(1, 4), stage_steps=(2,))
+    with pytest.raises(GrowopsError, match=r"torch.export.export\(a, ...\) would capture one step of it. Export "
+                                           r"the plain model a.eval\(\) computes: "
+                                           r"torch.export.export\(a.export\(\), args\)"):
+        torch.export.export(a, (), gpt_batch(), strict=False)
+    assert not hasattr(a.forward, "__code__")
+    program = torch.export.export(a.export().eval(), (), gpt_batch(), strict=False)
+    a.eval()
+    assert torch.equal(program.module()(**gpt_batch()).logits, a(**gpt_batch()).logits)

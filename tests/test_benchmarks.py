@@ -97,3 +97,11 @@ def test_mutation_report_finds_a_method_by_its_class():
     assert message_only("growops.x.xǁBǁload__mutmut_1", diff, source)
     diff = "--- growops/x.py\n+++ growops/x.py\n@@ -1,2 +1,2 @@\n-    return \"plan\"\n+    return \"XXplanXX\"\n"
     assert not message_only("growops.x.xǁAǁload__mutmut_1", diff, source)
+
+
+def test_state_dict_cost_benchmark_smoke():
+    from benchmarks.state_dict_cost import KINDS, measure
+
+    for kind in KINDS:
+        first, median = measure(kind, layers=2, width=16, repeat=1)
+        assert first > 0 and median > 0

@@ -179,3 +179,29 @@ def test_from_pretrained_refuses_a_folder_of_another_model(tmp_path):
         vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2))
     with pytest.raises(growops.GrowopsError, match="holds a 'gpt2' model, this is a 'llama'"):
         growops.from_pretrained(llama, tmp_path)
+
+
+def test_a_sharded_checkpoint_is_checked_whole_before_its_first_shard_is_written(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    save = transformers.PreTrainedModel.save_pretrained
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained",
+                        lambda self, *args, **kw: save(self, *args, **{**kw, "max_shard_size": "60KB"}))
+    a = _apollo()
+    _trainer(a, tmp_path / "full").train()
+    folder = tmp_path / "full" / "checkpoint-3"  # 2 unique blocks of 4: positions 0 and 1 run one block
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    first, second = index["transformer.h.0.mlp.c_fc.weight"], index["transformer.h.1.mlp.c_fc.weight"]
+    assert first != second  # the two copies sit in different shards
+    b = _apollo(seed=7)
+    _trainer(b, tmp_path / "good", max_steps=4).train(resume_from_checkpoint=str(folder))
+    assert (b.step_count, b.unique_layers) == (4, 4)
+    shard = load_file(str(folder / second))
+    shard["transformer.h.1.mlp.c_fc.weight"] += 0.5  # the copies now differ, across shards
+    save_file(shard, str(folder / second), metadata={"format": "pt"})
+    c = _apollo(seed=7)
+    before = {k: v.clone() for k, v in c.model.state_dict().items()}
+    with pytest.raises(growops.GrowopsError, match="transformer.h.0.mlp.c_fc.weight and "
+                                                   "transformer.h.1.mlp.c_fc.weight differ"):
+        _trainer(c, tmp_path / "bad").train(resume_from_checkpoint=str(folder))
+    assert c.step_count == 0 and all(torch.equal(v, c.model.state_dict()[k]) for k, v in before.items())

@@ -252,3 +252,25 @@ def test_groups_after_a_group_of_foreign_parameters_are_still_scaled():
     assert seen[0][0] == 0.01
     assert seen[0][1:] == pytest.approx([0.01 * expected(a, g) for g in opt.param_groups[1:]])
     assert any(expected(a, g) != 1.0 for g in opt.param_groups[1:])
+
+
+def test_parameters_added_after_wrapping_are_scaled_or_refused_never_left_at_the_full_rate():
+    torch.manual_seed(0)
+    a = growops.apollo(tiny_gpt(4), stages=(1, 4), stage_steps=(100,), sampler="full", lr_scale="linear")
+    block = a.model.blocks[0]
+    block.mlp.adapter = torch.nn.Parameter(torch.zeros(block.mlp.c_fc.weight.shape[0]))  # an adapter, say
+    hook = block.mlp.register_forward_hook(lambda m, args, out: out + m.adapter.sum())
+    opt = torch.optim.SGD(a.param_groups([{"params": [block.mlp.adapter]}]), lr=0.1)  # the adapter trains alone
+    loss(a).backward()
+    grad = block.mlp.adapter.grad.clone()
+    opt.step()
+    assert grad.abs().max() > 0
+    torch.testing.assert_close(block.mlp.adapter.detach(), -0.1 / 4 * grad, rtol=1e-5, atol=0)  # unit 0 runs 4 times
+    hook.remove()
+    late = torch.nn.Parameter(torch.zeros(3))
+    groups = a.param_groups()
+    groups[1]["params"].append(late)  # a group of unit 0 with a parameter made later
+    opt = torch.optim.SGD(groups, lr=0.1)
+    with pytest.raises(GrowopsError, match="optimizer parameter group 1 mixes parameters growops scales with "
+                                           "parameters it does not know"):
+        opt.step()

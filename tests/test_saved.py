@@ -161,6 +161,9 @@ def test_a_block_loaded_on_its_own_while_blocks_are_shared_is_refused():
         a.model.blocks[1].load_state_dict(block)
     with pytest.raises(GrowopsError, match=r"blocks.3 .* unit 3, which runs at no position \(it is not live yet\)"):
         a.model.blocks[3].load_state_dict(block)
+    attn = {k[len("attn."):]: v for k, v in block.items() if k.startswith("attn.")}
+    with pytest.raises(GrowopsError, match=r"blocks.1 \(attn of it\) was loaded on its own while blocks are shared"):
+        a.model.blocks[1].attn.load_state_dict(attn)  # a part of a block, likewise
     alone = copy.deepcopy(a.model.blocks[1])  # a block copied alone is a plain block
     alone.load_state_dict(block)
     a.step(), a.step()  # every block its own: a block loads as it is

@@ -341,3 +341,20 @@ def test_a_recomputation_that_reaches_a_block_not_live_yet_is_refused():
     with pytest.raises(GrowopsError, match=r"^layers.3 runs in the backward, but it is not live yet: a recomputation "
                                            r"\(activation checkpointing\) reached the physical blocks$"):
         Recompute.apply(x).sum().backward()
+
+
+def test_torch_func_grad_through_shared_blocks_is_the_untied_models_summed_over_positions():
+    from torch.func import functional_call, grad
+
+    from tests.archs import Arch
+
+    arch = Arch(container="modulelist", loop="iterate", pattern="A", units=4, prefix="", suffix="", values=("int",),
+                tuple_out=False)  # per-layer values: block outputs are marked with their positions
+    a = growops.apollo(arch.build(), stages=(1, 4), stage_steps=(5,), sampler="full")
+    x = arch.inputs()
+    grads = grad(lambda p: functional_call(a, p, (x,)).pow(2).sum())(dict(a.named_parameters()))
+    plain = a.export()  # untied: every position a copy of unit 0
+    plain(x).pow(2).sum().backward()
+    for name, _ in plain.layers[0].named_parameters():
+        expected = sum(dict(block.named_parameters())[name].grad for block in plain.layers)
+        torch.testing.assert_close(grads[f"model.layers.0.{name}"], expected)

@@ -177,3 +177,29 @@ def test_running_statistics_names_outside_norm_layers_and_defaults_of_closures_a
         blocks.append(block)
     per_layer, undecided = classify([[b] for b in blocks])
     assert set(per_layer) == {"1.running_mean", "0.act", "0.settings"} and not undecided
+
+
+@pytest.mark.parametrize("transform", ["spectral_norm", "weight_norm"])
+def test_a_weights_parametrization_state_is_shared_and_grown_with_it(transform):
+    """spectral_norm's power-iteration vectors differ per layer, yet belong to their weight: a shared unit runs with
+    its own (as a.export() does), and training while shared is not refused."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    from tests.models import gpt_batch, tiny_gpt
+
+    torch.manual_seed(0)
+    model = tiny_gpt(4)
+    for block in model.blocks:
+        (spectral_norm if transform == "spectral_norm" else weight_norm)(block.mlp.c_fc)
+    a = growops.apollo(model, stages=(1, 2, 4), stage_steps=(1, 2), sampler="full")
+    assert not [p for p in a.plan.stacks[0].per_layer_values if "c_fc" in p]
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    for step in range(3):
+        a.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(a(**gpt_batch()).logits, a.export().eval()(**gpt_batch()).logits)
+        a.train()
+        a(**gpt_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        a.step(opt)

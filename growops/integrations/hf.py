@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..apollo import Apollo
 from ..config import save_config
 from ..errors import GrowopsError, warn
+from ..saved import check_whole
 from ..state import STATE_VERSION, check_fingerprint
 
 STATE_KEY = "growops"  # the schedule's fingerprint in the Trainer's state (trainer_state.json)
@@ -150,9 +151,10 @@ def trainer_checkpoint_step(a: Apollo) -> int | None:
     """The optimizer step of the Trainer checkpoint being loaded into ``a.model`` now (``Trainer`` resuming, or
     reloading its best model), after checking that it was saved under `a`'s schedule; None when no Trainer is
     loading one of its checkpoints, or the checkpoint holds no growops schedule."""
-    folder = _trainer_checkpoint_folder()
-    if folder is None:
+    found = _trainer_checkpoint()
+    if found is None:
         return None
+    folder, loading = found
     try:
         with open(os.path.join(folder, "trainer_state.json")) as f:
             trainer_state = json.load(f)
@@ -166,9 +168,35 @@ def trainer_checkpoint_step(a: Apollo) -> int | None:
         return None
     try:
         check_fingerprint({"version": STATE_VERSION, **saved}, a._fingerprint())
+        _check_shards(a, folder, loading, a._schedule.stages[a._schedule.stage_at(step)])
     except GrowopsError as e:
         raise GrowopsError(f"{folder}: {e}") from None
     return step
+
+
+def _check_shards(a: Apollo, folder: str, loading, unique: int) -> None:
+    """A sharded checkpoint is loaded shard by shard (in an order that varies from run to run): check it whole once,
+    before its first shard is written (shapes, and positions that run one block holding equal tensors across
+    shards), so a bad checkpoint changes nothing. `loading`: the Trainer's frame loading it (checked once per load)."""
+    index = next((os.path.join(folder, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if os.path.isfile(os.path.join(folder, n))), None)
+    if index is None or a.__dict__.get("_checked_shards") == (folder, id(loading)):
+        return
+    with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state.update(load_file(path))
+        else:
+            import torch
+
+            state.update(torch.load(path, map_location="cpu", weights_only=True))
+    check_whole(a.model, a._runtimes, state, unique)
+    a.__dict__["_checked_shards"] = (folder, id(loading))
 
 
 def _saved_step(saved: dict | None, global_step):
@@ -178,16 +206,19 @@ def _saved_step(saved: dict | None, global_step):
     return step if isinstance(step, int) and not isinstance(step, bool) else global_step
 
 
-def _trainer_checkpoint_folder() -> str | None:
-    """The checkpoint folder a ``Trainer`` is loading weights from now, read from its frame on the stack."""
+def _trainer_checkpoint():
+    """``(folder, frame)``: the checkpoint folder a ``Trainer`` is loading weights from now and the Trainer's frame
+    doing it, read from the stack; None when no Trainer is loading a checkpoint."""
     codes = {Trainer._load_from_checkpoint.__code__: "resume", Trainer._load_best_model.__code__: "best"}
     frame = sys._getframe(1)
     while frame is not None:
         kind = codes.get(frame.f_code)
         if kind == "resume":
-            return frame.f_locals.get("resume_from_checkpoint")
+            folder = frame.f_locals.get("resume_from_checkpoint")
+            return (folder, frame) if folder is not None else None
         if kind == "best":
             trainer = frame.f_locals.get("self")
-            return getattr(getattr(trainer, "state", None), "best_model_checkpoint", None)
+            folder = getattr(getattr(trainer, "state", None), "best_model_checkpoint", None)
+            return (folder, frame) if folder is not None else None
         frame = frame.f_back
     return None
