@@ -169,3 +169,41 @@ def test_a_chosen_container_that_is_not_a_chain_is_refused_by_name():
     with pytest.raises(GrowopsError, match=r"^stack='experts' is not a chain of blocks in the traced forward: experts "
                                            r"\(4 x Linear\): not a chain: experts.1 does not read experts.0's output"):
         growops.plan(ParallelExperts(), stack="experts")  # a container of its own: why it is not a stack
+
+
+class _SetsStateInForward(torch.nn.Module):
+    """A forward that changes its model, as RWKV (a 'rescaled' flag) and BigBird (a replaced submodule) do."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(4))
+        self.norm = torch.nn.LayerNorm(4)
+        self.rescaled = False
+
+    def forward(self, x):
+        if not self.rescaled:
+            self.rescaled = True
+        self.seen = x.shape  # an attribute the forward adds
+        self.norm = torch.nn.LayerNorm(4)  # a submodule it replaces
+        for block in self.layers:
+            x = x + block(x)
+        return self.norm(x)
+
+
+def _full_state(model: torch.nn.Module) -> dict:
+    return {(path, name): value for path, m in model.named_modules() for name, value in vars(m).items()
+            if not name.endswith("hooks") and name not in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                                                            "_forward_pre_hooks_with_kwargs")} | {
+        ("tables", path, kind): tuple((k, id(v)) for k, v in getattr(m, kind).items())
+        for path, m in model.named_modules() for kind in ("_parameters", "_buffers", "_modules")}
+
+
+@pytest.mark.parametrize("build, inputs", [(_SetsStateInForward, torch.randn(2, 4)), (lambda: tiny_gpt(4), None)],
+                         ids=["sets-state", "gpt"])
+def test_planning_leaves_the_model_as_it_was(build, inputs):
+    model = build()
+    before = _full_state(model)
+    growops.plan(model, example_inputs=inputs)
+    after = _full_state(model)
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] or after[k] == before[k] for k in before)

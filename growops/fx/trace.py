@@ -111,7 +111,7 @@ def trace_model(model: nn.Module, leaves: set[nn.Module] = frozenset(), example_
     the export graph is used for analysis only): `example_inputs` if given, else the model's ``dummy_inputs``, else
     (Hugging Face models) inputs built from its config. Raises GrowopsError naming every failure when none works.
     """
-    modes = {m: m.training for m in model.modules()}
+    state = module_state(model)
     model.train(training)
     try:
         try:
@@ -141,14 +141,13 @@ def trace_model(model: nn.Module, leaves: set[nn.Module] = frozenset(), example_
         raise GrowopsError(f"cannot trace {name}: torch.fx.symbolic_trace failed ({symbolic_error}) and torch.export "
                            f"failed {'; '.join(failures)}; {fix}")
     finally:
-        for m, mode in modes.items():
-            m.training = mode
+        restore_module_state(state)
 
 
 def graph_trace(model: nn.Module, leaves: set[nn.Module], training: bool, paths: tuple[str, ...]) -> fx.GraphModule:
     """``symbolic_trace`` in train or eval mode (flags restored), for graph mode; a GrowopsError saying what graph mode
     needs when it fails."""
-    modes = {m: m.training for m in model.modules()}
+    state = module_state(model)
     model.train(training)
     try:
         return symbolic_trace(model, leaves)
@@ -159,8 +158,30 @@ def graph_trace(model: nn.Module, leaves: set[nn.Module], training: bool, paths:
             "container in forward (`for block in self.layers: ...`) or make the forward symbolically traceable") \
             from None
     finally:
-        for m, mode in modes.items():
-            m.training = mode
+        restore_module_state(state)
+
+
+def module_state(model: nn.Module) -> list:
+    """What running the forward to trace it may change in `model`, to put back with ``restore_module_state``: every
+    module's attributes (a flag the forward sets, an attribute it adds, the training flag) and its parameter, buffer
+    and submodule entries (a submodule the forward replaces). Tensors' contents are not copied: tracing runs on
+    proxies or fake tensors."""
+    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules),
+             set(m._non_persistent_buffers_set)) for m in model.modules()
+            if not isinstance(m, torch.jit.ScriptModule)]  # scripted: its tables are views the forward cannot change
+
+
+def restore_module_state(state: list) -> None:
+    """Put back what ``module_state`` recorded: the model is as it was before the trace."""
+    for module, attrs, params, buffers, modules, non_persistent in state:
+        for name in [n for n in module.__dict__ if n not in attrs]:
+            del module.__dict__[name]
+        module.__dict__.update(attrs)
+        for table, saved in ((module._parameters, params), (module._buffers, buffers), (module._modules, modules)):
+            table.clear()
+            table.update(saved)
+        module._non_persistent_buffers_set.clear()
+        module._non_persistent_buffers_set.update(non_persistent)
 
 
 def first_line(error: BaseException) -> str:
