@@ -8,6 +8,10 @@
         a.step(opt)
     final = a.export()
 
+    a.save_pretrained("ckpt")                          # the model a.eval() computes + growops_config.json
+    a = growops.from_pretrained(fresh_model, "ckpt")  # the wrapper again, where it stood
+    ema = growops.AveragedExport(a)                    # weight averages of a.export(); ema.update_parameters(a)
+
     deep = growops.deepen(model, layers=24)   # one function-preserving depth growth (zero-initialised blocks)
     wide = growops.widen(model, hidden=1024)  # one function-preserving width growth (Net2Net, from the graph)
 """

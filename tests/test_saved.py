@@ -215,3 +215,18 @@ def test_copies_follow_their_own_stack_and_a_copy_without_its_wrapper_does_not_s
         with pytest.raises(GrowopsError, match="growops wrapper is gone .* for a weight average use "
                                                r"growops.AveragedExport\(a\)"):
             copy.deepcopy(a.model).state_dict()
+
+
+def test_what_torch_would_refuse_after_writing_is_refused_before():
+    a = _at_step(0, 1)
+    state = a.model.state_dict()
+    before = copy.deepcopy(state)
+    bad = {**state, "wte.weight": torch.zeros(state["wte.weight"].shape[0] + 1, state["wte.weight"].shape[1])}
+    with pytest.raises(GrowopsError, match=r"state_dict entry wte.weight has shape \(\d+, \d+\), this model's has"):
+        a.model.load_state_dict(bad)
+    missing = {k: v for k, v in state.items() if k != "blocks.0.ln_1.weight"}
+    with pytest.raises(GrowopsError, match=r"missing \['blocks.0.ln_1.weight'\]"):
+        a.model.load_state_dict(missing)
+    with pytest.raises(GrowopsError, match=r"assign=True\) would replace the model's parameters"):
+        a.model.load_state_dict(state, assign=True)
+    assert _same_state(a.model.state_dict(), before) and a.step_count == 1
