@@ -112,8 +112,8 @@ class _Forward:
         # What reads a forward's code (torch.export.export(a)) would capture one step of a schedule: say what to do.
         # An AttributeError too, so hasattr(a.forward, "__code__") is False as before.
         raise _NoForwardCode("a.forward runs growops' schedule, which has no code of its own to export: "
-                           "torch.export.export(a, ...) would capture one step of it. Export the plain model a.eval() "
-                           "computes: torch.export.export(a.export(), args)")
+                             "torch.export.export(a, ...) would capture one step of it. Export the plain model "
+                             "a.eval() computes: torch.export.export(a.export(), args)")
 
 
 class Apollo(nn.Module):

@@ -21,7 +21,7 @@ from torch import nn
 from .apollo import Apollo
 from .config import load_config, save_config
 from .errors import GrowopsError, GrowopsTypeError
-from .state import EXTRA, decode_state
+from .state import EXTRA, STATE_VERSION, check_fingerprint, decode_state
 
 
 def _check_wrapper(a, path, what: str) -> None:
@@ -117,15 +117,15 @@ def save_pretrained(a: Apollo, folder: str | os.PathLike) -> None:
     else:
         tensors, aliases = _storable(a.model.state_dict())
         save_file(tensors, str(Path(folder) / WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
-    save_config(folder, config, a.step_count)
+    save_config(folder, config, a.step_count, a._fingerprint())
 
 
 def from_pretrained(model: nn.Module, folder: str | os.PathLike, **overrides) -> Apollo:
     """Wrap `model` (freshly built, of the class that was trained) with the arguments saved in `folder` by
     ``a.save_pretrained`` or the Trainer's ``ApolloCallback`` (a checkpoint folder), and load the folder's weights
     and schedule position: the result continues where the saved wrapper stood. `overrides` are ``growops.apollo``
-    arguments given again: what the config cannot hold (a callable ``sampler``, an edited ``plan``,
-    ``example_inputs``); the schedule itself must match, as in ``load_state_dict``.
+    arguments given again: what the config cannot hold (a callable ``sampler``, the one saved; an edited ``plan``;
+    ``example_inputs``) and ``shared_linear``; nothing that changes the schedule.
 
         a = growops.from_pretrained(GPT2LMHeadModel(config), "out/checkpoint-500")
 
@@ -137,7 +137,7 @@ def from_pretrained(model: nn.Module, folder: str | os.PathLike, **overrides) ->
     if not isinstance(model, nn.Module) or isinstance(model, Apollo):
         raise GrowopsTypeError(f"from_pretrained takes the model to wrap (not wrapped yet), got a "
                                f"{type(model).__name__}")
-    config, step = load_config(folder)
+    config, step, fingerprint = load_config(folder)
     schedule = sorted(set(overrides) - OVERRIDABLE)
     if schedule:
         raise GrowopsError(f"from_pretrained continues the schedule saved in {folder}; {schedule} cannot be given "
@@ -152,9 +152,13 @@ def from_pretrained(model: nn.Module, folder: str | os.PathLike, **overrides) ->
                                f"{config.sampler_callable or repr(config.sampler)}: give that one")
         config = dataclasses.replace(config, sampler_callable=None)
     kwargs = {**config.kwargs(), **overrides}
+    if "plan" in overrides:  # the plan chose the stacks (checked against the saved ones below)
+        kwargs.pop("stack")
     weights = _read_weights(model, Path(folder))
     a = apollo(model, **kwargs)
     try:
+        if fingerprint is not None:  # what the saved wrapper resolved (its stacks, a sampler's code) is what this has
+            check_fingerprint({"version": STATE_VERSION, **fingerprint}, a._fingerprint())
         state = {f"model.{k}": v for k, v in weights.items()}
         state[EXTRA] = a._state_at(step)
         _load_tied(a, state)

@@ -61,15 +61,17 @@ class ApolloConfig:
         return cls(**data)
 
 
-def save_config(folder: str | os.PathLike, config: ApolloConfig, step: int) -> None:
-    """Write `config` and the schedule position `step` to ``folder/growops_config.json``."""
-    text = json.dumps({"format": FORMAT, "step": step, "config": config.to_dict()}, indent=2)
+def save_config(folder: str | os.PathLike, config: ApolloConfig, step: int, fingerprint: dict | None = None) -> None:
+    """Write `config`, the schedule position `step` and the wrapper's `fingerprint` (what it resolved: the stacks'
+    paths, a sampler's code digest) to ``folder/growops_config.json``."""
+    text = json.dumps({"format": FORMAT, "step": step, "config": config.to_dict(), "fingerprint": fingerprint},
+                      indent=2)
     (Path(folder) / CONFIG_NAME).write_text(text + "\n")
 
 
-def load_config(folder: str | os.PathLike) -> tuple[ApolloConfig, int]:
-    """``(config, step)`` read from ``folder/growops_config.json``; a GrowopsError naming the file if it is missing
-    or damaged."""
+def load_config(folder: str | os.PathLike) -> tuple[ApolloConfig, int, dict | None]:
+    """``(config, step, fingerprint)`` read from ``folder/growops_config.json``; a GrowopsError naming the file if it
+    is missing or damaged."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise GrowopsError(f"{folder} has no {CONFIG_NAME}: save with a.save_pretrained(folder) (the Trainer's "
@@ -82,6 +84,9 @@ def load_config(folder: str | os.PathLike) -> tuple[ApolloConfig, int]:
         step = data["step"]
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step {step!r} is not a non-negative int")
-        return ApolloConfig.from_dict(data["config"]), step
+        fingerprint = data.get("fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, dict):
+            raise ValueError(f"fingerprint {fingerprint!r} is not a dict")
+        return ApolloConfig.from_dict(data["config"]), step, fingerprint
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise GrowopsError(f"{path} is damaged ({type(e).__name__}: {e}); was it written by growops?") from None

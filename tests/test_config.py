@@ -107,3 +107,18 @@ def test_from_pretrained_takes_again_only_what_does_not_change_the_schedule(tmp_
         growops.from_pretrained(tiny_gpt(4), tmp_path, sampler="full")
     b = growops.from_pretrained(tiny_gpt(4), tmp_path, shared_linear=False)
     assert b.step_count == 3
+
+
+def test_from_pretrained_checks_what_the_saved_wrapper_resolved(tmp_path):
+    a = _train(growops.apollo(tiny_gpt(4), stages=(1, 2, 4), stage_steps=(2, 4), stack="blocks"), 3)
+    a.save_pretrained(tmp_path)
+    b = growops.from_pretrained(tiny_gpt(4), tmp_path, plan=growops.plan(tiny_gpt(4)))  # a plan given again
+    assert b.step_count == 3 and b.plan.paths == ("blocks",)
+    config = json.loads((tmp_path / "growops_config.json").read_text())
+    assert config["fingerprint"]["stack"] == ["blocks"]
+    config["fingerprint"]["stack"] = ["layers"]  # as if the saved wrapper had grown another stack
+    (tmp_path / "growops_config.json").write_text(json.dumps(config))
+    model = tiny_gpt(4)
+    with pytest.raises(GrowopsError, match=r"stack: saved \['layers'\], here \['blocks'\]"):
+        growops.from_pretrained(model, tmp_path)
+    assert type(model.blocks) is torch.nn.ModuleList

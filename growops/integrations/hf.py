@@ -124,7 +124,7 @@ class ApolloCallback(TrainerCallback):
         # Beside the weights: the arguments and the step, so growops.from_pretrained(model, checkpoint) rebuilds `a`.
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if args.should_save and os.path.isdir(folder):
-            save_config(folder, self.apollo.config, self.apollo.step_count)
+            save_config(folder, self.apollo.config, self.apollo.step_count, self.apollo._fingerprint())
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         # One a.step() per optimizer step, even if the callback was added twice.
