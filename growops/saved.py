@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import GrowopsError
+from .integrations.peft import adapter_only_save
 from .maps import depth_map
 from .state import check_tensors, load_options
 from .values import read
@@ -72,6 +73,12 @@ class ExportedState:
                                "was dropped): its state dict would describe the schedule as it stood then, not a model "
                                "that trains. Save a.model or a.export(); for a weight average use "
                                "growops.AveragedExport(a)")
+        if adapter_only_save():
+            raise GrowopsError(f"an adapter-only checkpoint (PEFT's save_pretrained) of a model growops grows would go "
+                               f"with a base model it does not carry: {r.path}'s base weights are shared and grown "
+                               "too, so the pretrained base it is loaded onto computes another model. Save the whole "
+                               "model: a.export() is the model a.eval() computes (merge_and_unload() it, or save its "
+                               "full state_dict)")
         if r.unique == r.layers:
             return
         pairs = exported_sources(r.unique, r.layers, r.growth, r.layout.unit)
