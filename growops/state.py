@@ -133,23 +133,25 @@ def load_options() -> tuple[bool, bool]:
     """``(strict, assign)`` of the ``nn.Module.load_state_dict`` call now loading (torch passes strict=True down to
     every ``_load_from_state_dict`` whatever its caller asked, and a wrapper's load goes through its own call)."""
     code = torch.nn.Module.load_state_dict.__code__
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            return bool(frame.f_locals.get("strict", True)), bool(frame.f_locals.get("assign", False))
-        frame = frame.f_back
-    return True, False
+    frame = running_frame(code)
+    if frame is None:
+        return True, False
+    return bool(frame.f_locals.get("strict", True)), bool(frame.f_locals.get("assign", False))
 
 
 def loading() -> bool:
     """Whether an ``nn.Module.load_state_dict`` call is running (its load post-hooks will run)."""
-    code = torch.nn.Module.load_state_dict.__code__
+    return running_frame(torch.nn.Module.load_state_dict.__code__) is not None
+
+
+def running_frame(code):
+    """The innermost frame on the stack now running `code` (a function's ``__code__``), or None."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is code:
-            return True
+            return frame
         frame = frame.f_back
-    return False
+    return None
 
 
 def _kind(t: torch.Tensor) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from ..state import running_frame
+
 
 def adapter_only_save() -> bool:
     """Whether PEFT's ``get_peft_model_state_dict`` (what ``PeftModel.save_pretrained`` saves: the adapter's weights
@@ -16,11 +18,4 @@ def adapter_only_save() -> bool:
     module = sys.modules.get("peft.utils.save_and_load")
     function = getattr(module, "get_peft_model_state_dict", None)
     code = getattr(function, "__code__", None)
-    if code is None:
-        return False
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
+    return code is not None and running_frame(code) is not None
