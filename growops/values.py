@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod, PruningContainer
 
 # _parameters, _buffers, _modules, hook dicts, training, ...; and what Module.compile() sets
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
@@ -83,8 +84,6 @@ def weight_state(module: nn.Module, attr: str, path: str) -> bool:
         return True
     if "parametrizations" in path.split("."):
         return True
-    from torch.nn.utils.prune import BasePruningMethod, PruningContainer
-
     for hook in module._forward_pre_hooks.values():
         methods = hook._pruning_methods if isinstance(hook, PruningContainer) else (hook,)
         if any(isinstance(m, BasePruningMethod) and attr in (m._tensor_name, f"{m._tensor_name}_mask")
