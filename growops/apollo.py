@@ -24,6 +24,7 @@ from torch import nn
 from .averaging import refuse_averaged_copy
 from .config import ApolloConfig
 from .errors import GrowopsError, GrowopsTypeError, check_choice, check_int, warn
+from .fx.trace import NeedsInputs
 from .growth import copy_units
 from .install import install, uninstall
 from .lr import REST, check_lr_options, register, scale, split_groups, warmup
@@ -148,44 +149,95 @@ class Apollo(nn.Module):
         if not (isinstance(shared_linear, bool) or (isinstance(shared_linear, str) and shared_linear == "auto")):
             raise GrowopsTypeError(f"shared_linear must be True, False or 'auto', got {shared_linear!r}")
 
+        deferred = None
         if plan is None:
-            plan = make_plan(model, stack, example_inputs)
+            try:
+                plan = make_plan(model, stack, example_inputs)
+            except NeedsInputs as e:  # plan from the first batch instead (example_inputs is None here)
+                deferred = str(e)
         else:
             check_plan(model, plan, example_inputs)
             if stack is not None:
                 raise GrowopsError("pass stack= to growops.plan(model, stack=...), not with plan=: the plan already "
                                    f"chose {plan.paths}")
+        self.model = model
+        self.forward = _Forward(self, _signature(model))
+        self.step_count = 0
+        self.stage = 0
+        self._micro_batch = 0  # training forwards since the last step(), for resample="micro_batch"
+        self._warned = set()
+        self._step_rate = StepRate()
+        self._stages = (stages, stage_steps)
+        if deferred is None:
+            self._apply_plan(plan)
+            return
+        Schedule.checked(stages, stage_steps, None)  # every rule that does not need L, now
+        if self._lr_power or self._rewarmup:
+            raise GrowopsError(f"lr_scale and rewarmup need the plan before the optimizer is built, and {deferred}. "
+                               "Pass example_inputs= (one batch) to growops.apollo")
+        self.__dict__["_deferred"] = deferred
+        self.__dict__["_plan_hook"] = model.register_forward_pre_hook(_PlanAtFirstCall(self), with_kwargs=True)
+        logger.info("planning %s at its first forward: %s", type(model).__name__, deferred)
+
+    def _apply_plan(self, plan: Plan) -> None:
+        """Check `plan` against the schedule's arguments and apply it; nothing changes unless all of it holds."""
         refuse_undecided(plan)
         # Everything that can reject the arguments runs before the model is touched.
+        stages, stage_steps = self._stages
         try:
-            self._schedule = Schedule.checked(stages, stage_steps, plan.layers)
+            schedule = Schedule.checked(stages, stage_steps, plan.layers)
         except GrowopsError as e:
             raise type(e)(f"{e} ({'; '.join(s.describe() for s in plan.stacks)})") from None
-        depth = _draw(self._sampler, self._sampler_name, self._schedule.stages[0], plan.layers, seed, 0)
-        _warn_non_multiples(self._schedule.stages, growth)
-
+        depth = _draw(self._sampler, self._sampler_name, schedule.stages[0], plan.layers, self._seed, 0)
+        _warn_non_multiples(schedule.stages, self._growth)
+        model = self.model
         warn_block_hooks(model, plan)
-        self._plan = plan
-        self.model = model
+        self._schedule, self._plan = schedule, plan
         self._runtimes, self._graph = install(model, plan, self._growth)  # self._graph: a GraphRunner in graph mode
+        shared_linear = self._arguments["shared_linear"]
         if shared_linear is True or (shared_linear == "auto" and torch.cuda.is_available()):
             for runtime in self._runtimes:
                 route_shared_linears(runtime.blocks, runtime=runtime)
                 runtime.route_replacements = True
-        self.forward = _Forward(self, _signature(model))
-        self.step_count = 0
-        self.stage = 0
         self._configure(self._schedule.stages[0], depth)
-        self._micro_batch = 0  # training forwards since the last step(), for resample="micro_batch"
-        self._warned = set()
-        self._step_rate = StepRate()
-        self.register_load_state_dict_post_hook(_after_load)
+        if "_after_load_hook" not in self.__dict__:
+            self.__dict__["_after_load_hook"] = self.register_load_state_dict_post_hook(_after_load)
         for runtime in self._runtimes:
             runtime.owned = True
             runtime.wrapper_forwards = 0 if self._resample == "micro_batch" else None
         self._own_runtimes()
 
+    @property
+    def planned(self) -> bool:
+        """False until a wrapper built without inputs for a model that needs them has run its first forward."""
+        return "_deferred" not in self.__dict__
+
+    def _plan_now(self, args: tuple, kwargs: dict) -> None:
+        """Plan from this first batch and apply the plan (a deferred wrapper); on an error nothing changed and the
+        next forward tries again. (Only container mode can be planned so: graph mode traces without inputs.)"""
+        hook = self.__dict__.pop("_plan_hook")
+        hook.remove()  # the trace runs the model's forward
+        try:
+            self._apply_plan(make_plan(self.model, self._arguments["stack"], (args, kwargs)))
+        except BaseException:
+            self.__dict__["_plan_hook"] = self.model.register_forward_pre_hook(_PlanAtFirstCall(self),
+                                                                              with_kwargs=True)
+            raise
+        del self.__dict__["_deferred"]
+        logger.info("planned %s from its first batch: %s", type(self.model).__name__, "; ".join(
+            s.describe() for s in self._plan.stacks))
+
+    def __getattr__(self, name: str):
+        if name in _NEEDS_PLAN and "_deferred" in self.__dict__:
+            raise GrowopsError(f"growops has not planned {type(self.__dict__['_modules']['model']).__name__} yet: "
+                               f"{self.__dict__['_deferred']}. It is planned from the first batch it runs: run one "
+                               "forward first (a(batch), or a.model(batch) under the Trainer), or pass example_inputs= "
+                               "(one batch) to growops.apollo to plan up front")
+        return super().__getattr__(name)
+
     def _own_runtimes(self) -> None:
+        if "_runtimes" not in self.__dict__:  # deferred: planned at the first forward
+            return
         for runtime in self._runtimes:
             if runtime.owner is None or runtime.owner() is None:  # a shallow copy shares the original's runtimes
                 runtime.owner = weakref.ref(self)
@@ -203,6 +255,8 @@ class Apollo(nn.Module):
         ``lr_scale`` and ``rewarmup`` need): ``torch.optim.AdamW(a.param_groups(), lr=...)``. `groups` are your own
         (parameters, or dicts with "params" and options such as weight_decay); ``a.parameters()`` if None. Every
         option is kept; each group gets a ``"growops_unit"`` entry (-1: outside the units)."""
+        if not self.planned:  # no lr options (refused when deferred): every parameter in its own group
+            return split_groups(self.parameters() if groups is None else groups, {})
         units = self._unit_params()
         if self._lr_power or self._rewarmup:
             register(self, units)  # parameters added since wrapping (an adapter, to_empty()) are scaled too
@@ -256,6 +310,8 @@ class Apollo(nn.Module):
 
     # ---------------------------------------------------------------- running
     def _run(self, *args, **kwargs):
+        if not self.planned:
+            self._plan_now(args, kwargs)
         if self._resample == "micro_batch" and self.training:
             self._next_micro_batch()
             try:
@@ -489,6 +545,29 @@ class Apollo(nn.Module):
     def _check_state(self, state) -> None:
         check_fingerprint(state, self._fingerprint())
         check_position(state, self._schedule, self.layers)
+
+
+# What exists only once the model is planned: reading it before then says why and what to do.
+_NEEDS_PLAN = frozenset({"_plan", "_schedule", "_runtimes", "_graph"})
+
+
+class _PlanAtFirstCall:
+    """Forward pre-hook of a deferred wrapper's model: a call of the model itself (the Trainer calls ``a.model``)
+    plans it from its batch first. Held by weak reference, so a copy of the model runs as the plain model it is."""
+
+    def __init__(self, owner: Apollo):
+        self.owner = weakref.ref(owner)
+
+    def growops_pending(self) -> bool:
+        """Whether a live wrapper waits to plan the model (``growops.plan`` refuses to wrap it again)."""
+        owner = self.owner()
+        return owner is not None and not owner.planned
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        owner = self.owner()
+        tracing = torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing()
+        if owner is not None and not owner.planned and owner.model is module and not tracing:
+            owner._plan_now(args, kwargs)
 
 
 def _after_load(a: Apollo, incompatible_keys) -> None:

@@ -176,7 +176,8 @@ def refuse_wrapped(model: nn.Module, what: str) -> None:
 
 
 def _refuse_wrapped(model: nn.Module) -> None:
-    wrapped = [name for name, m in model.named_modules() if STACK_ATTR in m.__dict__]
+    wrapped = [name for name, m in model.named_modules() if STACK_ATTR in m.__dict__ or
+               any(getattr(h, "growops_pending", lambda: False)() for h in m._forward_pre_hooks.values())]
     if wrapped:
         raise GrowopsError(f"{wrapped[0] or type(model).__name__} is already managed by a growops.apollo wrapper: wrap "
                            "the original model once (several stacks together: stack=('encoder.layers', "

@@ -91,8 +91,9 @@ class Schedule:
     stage_steps: tuple[int, ...]
 
     @classmethod
-    def checked(cls, stages, stage_steps, layers: int) -> Schedule:
-        """Validate against a model of `layers` blocks; every rule has its own message and fix."""
+    def checked(cls, stages, stage_steps, layers: int | None) -> Schedule:
+        """Validate against a model of `layers` blocks (None: not known yet, every rule but the last stage's is
+        checked); every rule has its own message and fix."""
         stages, stage_steps = _int_tuple(stages, "stages"), _int_tuple(stage_steps, "stage_steps")
         if not stages:
             raise GrowopsError(f"stages is empty: give the unique-block count of each stage, ending at L={layers}, "
@@ -101,7 +102,7 @@ class Schedule:
             raise GrowopsError(f"stages must start at 1 or more unique blocks, got stages={stages}")
         if any(b <= a for a, b in zip(stages, stages[1:])):
             raise GrowopsError(f"stages must strictly increase, got stages={stages}")
-        if stages[-1] != layers:
+        if layers is not None and stages[-1] != layers:
             raise GrowopsError(f"the last stage must hold all L={layers} blocks of the model, got stages={stages}: "
                                f"end them with {layers}")
         if len(stage_steps) != len(stages) - 1:

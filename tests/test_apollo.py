@@ -372,8 +372,11 @@ def test_several_stacks_need_a_choice():
 
 def test_untraceable_index_model_explains_the_fix():
     model = UntraceableIndexNet(4)
-    with pytest.raises(GrowopsError, match="torch.fx.symbolic_trace failed.*example_inputs"):
-        growops.apollo(model, stages=(2, 4), stage_steps=(1,))
+    deferred = growops.apollo(model, stages=(2, 4), stage_steps=(1,))  # no inputs: planned at the first forward
+    with pytest.raises(GrowopsError, match="does not iterate layers.*Iterate the container"):
+        deferred(torch.randn(2, 4))
+    assert not deferred.planned
+    model = UntraceableIndexNet(4)
     with pytest.raises(GrowopsError, match="does not iterate layers.*Iterate the container"):
         growops.apollo(model, stages=(2, 4), stage_steps=(1,), example_inputs=(torch.randn(2, 4),))
     assert type(model.layers) is nn.ModuleList

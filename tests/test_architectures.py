@@ -234,8 +234,10 @@ def test_torch_transformer_encoder():
             return self.head(self.enc(x))
 
     x = torch.randn(2, 5, 8)
-    with pytest.raises(GrowopsError, match="cannot trace Net without example inputs.*pass one batch as example_inputs"):
-        growops.apollo(Net(), stages=(2, 4), stage_steps=(1,))
+    deferred = growops.apollo(Net(), stages=(2, 4), stage_steps=(1,))  # no inputs: planned at the first forward
+    assert not deferred.planned
+    deferred(x)
+    assert deferred.planned and deferred.plan.stacks[0].path == "enc.layers"
     model = Net().eval()
     a = growops.apollo(model, stages=(2, 4), stage_steps=(1,), example_inputs=(x,), optimizer_state="keep").eval()
     assert a.plan.stacks[0].path == "enc.layers" and a.mode == "container"

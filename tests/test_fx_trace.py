@@ -69,3 +69,36 @@ def test_a_model_whose_own_dummy_inputs_fail_is_asked_for_example_inputs():
     with pytest.raises(GrowopsError, match=r"torch.export failed on its dummy_inputs: ValueError: ; pass one batch the "
                                            r"model runs on as example_inputs=$"):
         trace_model(PickyWithDummies())
+
+
+def test_hugging_face_models_plan_without_inputs_where_the_defaults_fall_short():
+    """use_cache taken only through **kwargs (GraniteMoE) is turned off for the trace; dummy_inputs that lack the
+    model's main input (ResNet's input_ids) are skipped for inputs built from its config."""
+    transformers = pytest.importorskip("transformers")
+    from growops.fx.trace import takes_use_cache
+    from growops.integrations.hf_inputs import runs_on
+
+    granite = transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
+        num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        num_local_experts=4, num_experts_per_tok=2, vocab_size=100, max_position_embeddings=64))
+    assert takes_use_cache(granite) and growops.plan(granite).layers == 4
+    resnet = transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16],
+                                                                depths=[3, 3], num_channels=3))
+    assert not runs_on(resnet, resnet.dummy_inputs)
+    assert growops.plan(resnet, stack="encoder.stages.0.layers").layers == 3
+
+
+def test_a_forward_without_use_cache_gets_none():
+    class Plain(nn.Module):
+        config = type("Config", (), {"use_cache": True})()
+
+        def forward(self, x):
+            return x
+
+    class Kwargs(Plain):
+        def forward(self, x, **kwargs):
+            return x
+
+    from growops.fx.trace import example_inputs_for
+    assert example_inputs_for(Plain(), torch.ones(1)) == ((torch.ones(1),), {})
+    assert example_inputs_for(Kwargs(), torch.ones(1))[1] == {"use_cache": False}

@@ -17,6 +17,11 @@ from torch import fx, nn
 from ..errors import GrowopsError
 
 
+class NeedsInputs(GrowopsError):
+    """No graph without inputs: neither symbolic tracing nor ``torch.export`` on the inputs the model provides worked,
+    and none were given. ``apollo`` then plans at the first forward, from its batch."""
+
+
 @dataclass
 class TracedModel:
     """A graph of `model`'s forward. ``kind`` is ``"symbolic"`` (runnable with the model's own signature,
@@ -74,13 +79,26 @@ def example_inputs_for(model: nn.Module, example_inputs: Any = None) -> tuple[tu
     else:
         raise GrowopsError(f"example_inputs must be a tensor, a tuple of args, a dict of kwargs or (args, kwargs), "
                            f"got {type(example_inputs).__name__}")
+    if "use_cache" not in kwargs and takes_use_cache(model):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def takes_use_cache(model: nn.Module) -> bool:
+    """Whether `model`'s forward takes a ``use_cache`` flag: by name, or through ``**kwargs`` of a model whose config
+    has one (a Hugging Face model that passes it on, a PEFT wrapper). Caches are state a trace must not build."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        params = {}
-    if "use_cache" in params and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False
-    return args, kwargs
+        return False
+    if "use_cache" in params:
+        return True
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    try:
+        config = getattr(model, "config", None)
+    except Exception:  # noqa: BLE001 - a config property that fails: no flag
+        config = None
+    return var_kw and hasattr(config, "use_cache")
 
 
 def _candidate_inputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:
@@ -88,16 +106,18 @@ def _candidate_inputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, 
     model's ``dummy_inputs`` and, for a Hugging Face model, inputs built from its config."""
     if example_inputs is not None:
         return [("the example inputs", example_inputs)]
+    from ..integrations.hf_inputs import config_inputs, hf_model, runs_on
+
     out = []
     try:
         dummy = getattr(model, "dummy_inputs", None)
     except Exception:  # noqa: BLE001 - a dummy_inputs property that fails (several HF vision models): skip it
         dummy = None
-    if dummy is not None:
+    if dummy is not None and runs_on(model, dummy):
         out.append(("its dummy_inputs", dummy))
-    from ..integrations.hf_inputs import config_inputs, is_hf_model
-    if is_hf_model(model):
-        built = config_inputs(model)
+    hf = hf_model(model)
+    if hf is not None:
+        built = config_inputs(hf)
         if built is not None:
             out.append(("inputs built from its config", built))
     return out
@@ -122,10 +142,10 @@ def trace_model(model: nn.Module, leaves: set[nn.Module] = frozenset(), example_
         candidates = _candidate_inputs(model, example_inputs)
         name = type(model).__name__
         if not candidates:
-            raise GrowopsError(
+            raise NeedsInputs(
                 f"cannot trace {name} without example inputs: torch.fx.symbolic_trace failed ({symbolic_error}), and "
-                f"torch.export needs inputs, which {name} does not provide (no dummy_inputs); pass one batch as "
-                "example_inputs= (a tensor, a tuple of args, a dict of kwargs, or (args, kwargs))")
+                f"torch.export needs inputs, which {name} does not provide (no dummy_inputs it runs on); pass one "
+                "batch as example_inputs= (a tensor, a tuple of args, a dict of kwargs, or (args, kwargs))")
         failures = []
         for what, inputs in candidates:
             args, kwargs = example_inputs_for(model, inputs)
@@ -138,8 +158,9 @@ def trace_model(model: nn.Module, leaves: set[nn.Module] = frozenset(), example_
             return TracedModel(program.module(), "export", symbolic_error)
         fix = ("check that the model runs on them" if example_inputs is not None else
                "pass one batch the model runs on as example_inputs=")
-        raise GrowopsError(f"cannot trace {name}: torch.fx.symbolic_trace failed ({symbolic_error}) and torch.export "
-                           f"failed {'; '.join(failures)}; {fix}")
+        error = GrowopsError if example_inputs is not None else NeedsInputs
+        raise error(f"cannot trace {name}: torch.fx.symbolic_trace failed ({symbolic_error}) and torch.export "
+                    f"failed {'; '.join(failures)}; {fix}")
     finally:
         restore_module_state(state)
 

@@ -49,7 +49,7 @@ class ApolloCallback(TrainerCallback):
             raise GrowopsError("ApolloCallback needs resample='step': the Trainer calls a.model directly, so "
                                "per-micro-batch sampling (which runs in a(...)) would never happen. Build apollo "
                                "with resample='step' (every micro-batch of an optimizer step runs the same depth)")
-        if apollo.mode != "container":
+        if apollo.planned and apollo.mode != "container":  # planned at the first forward: container mode then
             raise GrowopsError("ApolloCallback needs a model whose forward iterates its block container (every "
                                "Hugging Face model does): this one runs through a rewritten graph, train it as "
                                "`a` in your own loop instead")

@@ -21,12 +21,35 @@ from typing import Any
 import torch
 from torch import nn
 
-_BATCH, _LENGTH, _FRAMES = 2, 8, 16
+_BATCH, _LENGTH, _FRAMES, _IMAGE = 2, 8, 16, 64
 
 
 def is_hf_model(model: nn.Module) -> bool:
     """A transformers ``PreTrainedModel`` (checked by its classes' modules, without importing transformers)."""
     return any(c.__module__.startswith("transformers.") for c in type(model).__mro__) and hasattr(model, "config")
+
+
+def hf_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model that decides `model`'s inputs: `model` itself, or the base model a PEFT wrapper
+    (``get_base_model()``) holds; None for other models."""
+    if is_hf_model(model):
+        return model
+    base = getattr(model, "get_base_model", None)
+    if callable(base):
+        try:
+            inner = base()
+        except Exception:  # noqa: BLE001 - not a PEFT wrapper after all
+            return None
+        return inner if isinstance(inner, nn.Module) and is_hf_model(inner) else None
+    return None
+
+
+def runs_on(model: nn.Module, inputs: Any) -> bool:
+    """False where `inputs` are keyword inputs that lack the model's main input (a ResNet's ``dummy_inputs`` hold
+    ``input_ids``, its forward takes ``pixel_values``): not worth a trace."""
+    hf = hf_model(model)
+    main = getattr(hf, "main_input_name", None) if hf is not None else None
+    return not (isinstance(inputs, dict) and isinstance(main, str) and main not in inputs)
 
 
 def config_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -66,9 +89,8 @@ def _build(name: str, config: Any, device: torch.device) -> torch.Tensor | None:
         return torch.randint(1, vocab, (_BATCH, length), generator=g).to(device)
     if name == "pixel_values":
         vision = _get(config, "vision_config") or config
-        size, channels = _get(vision, "image_size"), _get(vision, "num_channels") or 3
-        if size is None:
-            return None
+        # No image_size (ResNet-style convolutional models take any size): one that survives a /32 downsampling.
+        size, channels = _get(vision, "image_size") or _IMAGE, _get(vision, "num_channels") or 3
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return torch.randn(_BATCH, channels, h, w, generator=g).to(device)
     if name == "input_values":
