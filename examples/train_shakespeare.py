@@ -8,7 +8,8 @@ Every arm starts from the same initial weights, sees the same batches in the sam
 optimizer and one global learning-rate schedule (linear warmup, then cosine), as in the paper. Validation loss
 is measured at full depth every `eval_every` steps on fixed batches. FLOPs are counted with FlopCounterMode per
 (unique blocks, depth) configuration; wall-clock is the training time of each arm in this run (evaluation
-excluded). Results go to runs/<name>/ (table, plots, histories) and the headline to benchmarks/RESULTS.md.
+excluded). Results go to runs/<name>/ (table, plots, histories); --append-results also appends the headline to
+benchmarks/RESULTS.md (a tracked file: only when asked).
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", help="run name: results go to runs/<name>/ (default: the preset)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a TrainConfig field, e.g. --set lr=1e-3 --set stage_fractions=0.1,0.2,0.4")
-    parser.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--append-results", action="store_true", help="append the headline to benchmarks/RESULTS.md")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     cfg = PRESETS[args.preset]
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = args.name or args.preset
     result = run(cfg, arms, args.text, name, ROOT / "runs" / name, device, progress=not args.quiet)
     print(result["headline"])
-    if not args.no_results:
+    if args.append_results:
         words = sys.argv[1:] if argv is None else argv
         append_results(name, " ".join(["python -m examples.train_shakespeare", *words]), device, result, cfg)
     return result

@@ -18,6 +18,8 @@
 
 import logging
 
+__version__ = "0.2.0"
+
 from .apollo import Apollo, apollo, plan
 from .averaging import AveragedExport
 from .checkpoint import from_pretrained, load_safetensors, save_safetensors

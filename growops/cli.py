@@ -1,11 +1,19 @@
-"""``python -m growops grow IN_DIR OUT_DIR [--layers 24] [--method zero|interpolate|stack] [--hidden 1024]
-[--ffn 4096] [--heads 16] [--noise 0] [--stack PATH]``
+"""The ``growops`` command (also ``python -m growops``)::
 
-Reads a local Hugging Face checkpoint directory (config + safetensors; nothing is downloaded), widens the model with
-``growops.widen`` (when --hidden is given) and then deepens it with ``growops.deepen`` (when --layers is given), and
-writes the grown checkpoint with ``save_pretrained`` (other files, such as the tokenizer's, are copied), printing what
-changed and the largest output difference on a probe input. OUT_DIR must not hold a checkpoint already; on any error
-nothing is written.
+    growops grow IN_DIR OUT_DIR [--layers 24] [--method zero|interpolate|stack] [--hidden 1024] [--ffn 4096]
+                 [--heads 16] [--noise 0] [--stack PATH]
+    growops plan MODEL_DIR [--stack PATH]
+    growops --version
+
+``grow`` reads a local Hugging Face checkpoint directory (config + safetensors; nothing is downloaded), widens the model
+with ``growops.widen`` (when --hidden is given) and then deepens it with ``growops.deepen`` (when --layers is given),
+and writes the grown checkpoint with ``save_pretrained`` (other files, such as the tokenizer's, are copied), printing
+what changed and the largest output difference on a probe input. OUT_DIR must not hold a checkpoint already; on any
+error nothing is written.
+
+``plan`` prints what ``growops.apollo`` would find in a checkpoint (stacks, fixed blocks, per-layer values, mode) and,
+for a folder ``a.save_pretrained`` or the Trainer's ``ApolloCallback`` wrote, the schedule saved with it. It reads
+only.
 """
 
 from __future__ import annotations
@@ -72,8 +80,26 @@ def grow(in_dir: str, out_dir: str, layers: int | None = None, method: str = "ze
             f"  largest output difference on a probe input: {diff}"]
 
 
+def describe(model_dir: str, stack: str | None = None) -> list[str]:
+    """What ``growops plan MODEL_DIR`` prints: the plan of the checkpoint's model and, if saved beside it, the
+    schedule (arguments and step)."""
+    from .config import CONFIG_NAME, load_config
+    from .plan import make_plan
+
+    folder = Path(model_dir)
+    lines = str(make_plan(load_checkpoint(folder), stack)).splitlines()
+    if (folder / CONFIG_NAME).is_file():
+        config, step, _ = load_config(folder)
+        options = ", ".join(f"{k}={v!r}" for k, v in config.to_dict().items() if v is not None)
+        lines += [f"saved at optimizer step {step} of: growops.apollo(model, {options})"]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m growops", description="growops command line")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="growops", description="grow Transformer checkpoints; inspect plans")
+    parser.add_argument("--version", action="version", version=f"growops {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     g = commands.add_parser("grow", help="widen and/or deepen a local Hugging Face checkpoint")
     g.add_argument("in_dir")
@@ -85,10 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ffn", type=int, help="the new FFN size (default: what the config gives at the new hidden size)")
     g.add_argument("--heads", type=int, help="the new head count (default: grown with the hidden size)")
     g.add_argument("--noise", type=float, default=0.0, help="symmetry-breaking noise for widened weights")
+    p = commands.add_parser("plan", help="print what growops finds in a local Hugging Face checkpoint (reads only)")
+    p.add_argument("model_dir")
+    p.add_argument("--stack", help="the block container's path, when the model holds several")
     args = parser.parse_args(argv)
     try:
-        lines = grow(args.in_dir, args.out_dir, args.layers, args.method, args.stack, args.hidden, args.ffn,
-                     args.heads, args.noise)
+        if args.command == "plan":
+            lines = describe(args.model_dir, args.stack)
+        else:
+            lines = grow(args.in_dir, args.out_dir, args.layers, args.method, args.stack, args.hidden, args.ffn,
+                         args.heads, args.noise)
     except GrowopsError as e:
         print(f"growops: {e}", file=sys.stderr)
         return 2

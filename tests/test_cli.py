@@ -106,7 +106,9 @@ def test_help_explains_the_command_and_every_option(capsys, monkeypatch):
             main(argv)
         assert exit_.value.code == 0
     top, grow = (" ".join(text.split()) for text in capsys.readouterr().out.split("usage:")[1:])
-    assert "{grow} grow widen and/or deepen a local Hugging Face checkpoint options:" in top
+    assert ("{grow,plan} grow widen and/or deepen a local Hugging Face checkpoint plan print what growops finds in "
+            "a local Hugging Face checkpoint (reads only) options:") in top
+    assert "--version show program's version number and exit" in top
     assert grow.endswith(
         "--layers LAYERS blocks in the grown stack "
         "--method {zero,interpolate,stack} how new blocks are made (default: zero) "
@@ -132,3 +134,38 @@ def test_a_config_without_architectures_loads_with_automodel(tmp_path):
     want = model.state_dict()
     assert loaded.state_dict().keys() == want.keys()
     assert all(torch.equal(p, want[k]) for k, p in loaded.state_dict().items())
+
+
+def test_plan_prints_what_growops_finds_and_reads_only(checkpoint, capsys):
+    _, tmp_path = checkpoint
+    before = {f.name: f.read_bytes() for f in (tmp_path / "in").iterdir()}
+    assert main(["plan", str(tmp_path / "in")]) == 0
+    out = capsys.readouterr().out
+    assert "growops plan: container mode, L = 2" in out and "model.layers: 2 growable blocks" in out
+    assert {f.name: f.read_bytes() for f in (tmp_path / "in").iterdir()} == before
+
+
+def test_plan_shows_the_schedule_saved_beside_the_weights(checkpoint, capsys):
+    import growops
+
+    model, tmp_path = checkpoint
+    a = growops.apollo(model, stages=(1, 2), stage_steps=(1,), seed=7)
+    a.step()
+    a.save_pretrained(tmp_path / "saved")
+    assert main(["plan", str(tmp_path / "saved")]) == 0
+    out = capsys.readouterr().out
+    assert "saved at optimizer step 1 of: growops.apollo(model, stages=[1, 2], stage_steps=[1]" in out
+    assert "seed=7" in out
+
+
+def test_plan_of_a_folder_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    assert main(["plan", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_version():
+    import growops
+
+    out = subprocess.run([sys.executable, "-m", "growops", "--version"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == f"growops {growops.__version__}"

@@ -8,7 +8,7 @@ from examples import train_shakespeare
 def test_main_job_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(train_shakespeare, "ROOT", tmp_path)
     result = train_shakespeare.main(["--steps", "24", "--arms", "scratch,apollo,gstack,apollo-linear,gstack-lvps",
-                                     "--no-results", "--quiet", "--name", "smoke"])
+                                     "--quiet", "--name", "smoke"])
     arms = [r["arm"] for r in result["rows"]]
     assert arms == ["scratch", "apollo", "gstack", "apollo-linear", "gstack-lvps"]
     growing = re.compile(r"^[\w-]+: (\d+\.\d% fewer FLOPs, -?\d+\.\d% less wall-clock than scratch to val loss "
