@@ -27,7 +27,9 @@ from .config import ApolloConfig
 from .deepening import deepen
 from .errors import GrowopsError, GrowopsTypeError
 from .fx import BlockStack, find_block_stacks, insert_depth_gate, tie_blocks, trace_model
+from .fx.trace import register_inputs_provider
 from .growth import expand_blocks
+from .integrations.hf_inputs import candidate_inputs
 from .maps import depth_map, growth_sources
 from .optim_state import remap_optimizer_state
 from .plan import Plan
@@ -40,6 +42,10 @@ __all__ = ["Apollo", "ApolloConfig", "AveragedExport", "BlockStack", "GrowopsErr
            "gstack", "gstack_growth_tokens", "insert_depth_gate", "load_safetensors", "lvps_depth", "plan",
            "remap_optimizer_state", "save_safetensors", "stackbert", "tie_blocks", "trace_model", "widen",
            "widen_optimizer_state"]
+
+# Hugging Face models are traced on inputs built from their configs (the tracer asks its providers; importing this
+# module does not import transformers).
+register_inputs_provider(candidate_inputs)
 
 # Growth events (INFO) and the schedule per step (DEBUG) go to the "growops" logger; the application configures
 # handlers (logging.basicConfig(level=logging.INFO), say): a library adds only a NullHandler.

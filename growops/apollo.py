@@ -31,7 +31,7 @@ from .lr import REST, check_lr_options, register, scale, split_groups, warmup
 from .maps import check_growth, depth_map, growth_sources, preserves_function
 from .ops.routing import route_shared_linears
 from .optim_state import StepRate, apply_states, check_policy, new_states, unwrap_optimizers
-from .plan import Plan, check_plan, make_plan, refuse_undecided, warn_block_hooks
+from .plan import Plan, make_plan, resolve_plan
 from .saved import being_loaded
 from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
 from .stack import in_backward
@@ -149,17 +149,11 @@ class Apollo(nn.Module):
         if not (isinstance(shared_linear, bool) or (isinstance(shared_linear, str) and shared_linear == "auto")):
             raise GrowopsTypeError(f"shared_linear must be True, False or 'auto', got {shared_linear!r}")
 
-        deferred = None
-        if plan is None:
-            try:
-                plan = make_plan(model, stack, example_inputs)
-            except NeedsInputs as e:  # plan from the first batch instead (example_inputs is None here)
-                deferred = str(e)
-        else:
-            check_plan(model, plan, example_inputs)
-            if stack is not None:
-                raise GrowopsError("pass stack= to growops.plan(model, stack=...), not with plan=: the plan already "
-                                   f"chose {plan.paths}")
+        deferred, self._given_plan = None, plan
+        try:
+            plan = resolve_plan(model, plan, stack, example_inputs)
+        except NeedsInputs as e:  # plan from the first batch instead (no plan or inputs were given)
+            deferred = str(e)
         self.model = model
         self.forward = _Forward(self, _signature(model))
         self.step_count = 0
@@ -181,7 +175,6 @@ class Apollo(nn.Module):
 
     def _apply_plan(self, plan: Plan) -> None:
         """Check `plan` against the schedule's arguments and apply it; nothing changes unless all of it holds."""
-        refuse_undecided(plan)
         # Everything that can reject the arguments runs before the model is touched.
         stages, stage_steps = self._stages
         try:
@@ -191,7 +184,6 @@ class Apollo(nn.Module):
         depth = _draw(self._sampler, self._sampler_name, schedule.stages[0], plan.layers, self._seed, 0)
         _warn_non_multiples(schedule.stages, self._growth)
         model = self.model
-        warn_block_hooks(model, plan)
         self._schedule, self._plan = schedule, plan
         self._runtimes, self._graph = install(model, plan, self._growth)  # self._graph: a GraphRunner in graph mode
         shared_linear = self._arguments["shared_linear"]
@@ -218,7 +210,7 @@ class Apollo(nn.Module):
         hook = self.__dict__.pop("_plan_hook")
         hook.remove()  # the trace runs the model's forward
         try:
-            self._apply_plan(make_plan(self.model, self._arguments["stack"], (args, kwargs)))
+            self._apply_plan(resolve_plan(self.model, self._given_plan, self._arguments["stack"], (args, kwargs)))
         except BaseException:
             self.__dict__["_plan_hook"] = self.model.register_forward_pre_hook(_PlanAtFirstCall(self),
                                                                               with_kwargs=True)

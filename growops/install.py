@@ -18,13 +18,14 @@ from torch import fx, nn
 from .fx.passes import GATE, insert_depth_gate
 from .fx.trace import graph_trace
 from .ops.routing import unroute
-from .plan import Plan
+from .plan import Plan, warn_block_hooks
 from .saved import remove_state_hooks, state_hooks
 from .stack import StackRuntime, mark, scope_forwards, share, unscope, unshare
 
 
 def install(model: nn.Module, plan: Plan, growth: str) -> tuple[list[StackRuntime], GraphRunner | None]:
     """Runtimes for `plan`'s stacks, and the graph runner to call instead of the model (graph mode) or None."""
+    warn_block_hooks(model, plan)
     runtimes = [StackRuntime(model.get_submodule(s.path), s.layout, s.per_layer_values, growth, s.path,
                              s.constant_values) for s in plan.stacks]
     for s, runtime in zip(plan.stacks, runtimes):

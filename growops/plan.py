@@ -96,6 +96,21 @@ def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, exampl
     return Plan(stacks, mode, (id(model), mode))
 
 
+def resolve_plan(model: nn.Module, plan: Plan | None = None, stack: str | Sequence[str] | None = None,
+                 example_inputs: Any = None) -> Plan:
+    """The plan ``apollo`` applies: `plan` checked against `model`, or a new one; refused while a value is undecided.
+    Raises ``NeedsInputs`` (a GrowopsError) when `model` cannot be traced without inputs and none were given."""
+    if plan is None:
+        plan = make_plan(model, stack, example_inputs)
+    else:
+        check_plan(model, plan, example_inputs)
+        if stack is not None:
+            raise GrowopsError("pass stack= to growops.plan(model, stack=...), not with plan=: the plan already "
+                               f"chose {plan.paths}")
+    refuse_undecided(plan)
+    return plan
+
+
 def find_stacks(model: nn.Module, stack: str | Sequence[str] | None = None,
                 example_inputs: Any = None) -> tuple[BlockStack, ...]:
     """The block stacks a plan grows (chosen by `stack=` where there are several), with their per-layer values,

@@ -102,3 +102,37 @@ def test_a_forward_without_use_cache_gets_none():
     from growops.fx.trace import example_inputs_for
     assert example_inputs_for(Plain(), torch.ones(1)) == ((torch.ones(1),), {})
     assert example_inputs_for(Kwargs(), torch.ones(1))[1] == {"use_cache": False}
+
+
+class ShapeChecked(nn.Module):
+    """Checks its input's width: symbolic tracing fails, torch.export on a batch works."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[-1] != 4:
+            raise ValueError("expected width 4")
+        return self.fc(x)
+
+
+class Unknown(ShapeChecked):
+    pass
+
+
+def test_the_tracer_asks_its_inputs_providers_and_never_imports_integrations(monkeypatch):
+    """growops.fx is below the integrations: inputs come from registered providers (the Hugging Face one is
+    registered by growops itself); the first provider that knows a model decides."""
+    from pathlib import Path
+
+    from growops.fx import trace
+
+    fx_dir = Path(trace.__file__).parent
+    assert not any("integrations" in f.read_text() for f in fx_dir.glob("*.py"))
+    monkeypatch.setattr(trace, "_PROVIDERS", list(trace._PROVIDERS))
+    x = torch.randn(2, 4)
+    trace.register_inputs_provider(lambda m: [("a test batch", (x,))] if type(m) is ShapeChecked else None)
+    assert trace.trace_model(ShapeChecked()).kind == "export"
+    with pytest.raises(GrowopsError, match="does not provide"):
+        trace.trace_model(Unknown())

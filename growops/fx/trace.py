@@ -8,6 +8,7 @@ example inputs does, and tags every node with ``nn_module_stack``. The graph is 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,26 +102,38 @@ def takes_use_cache(model: nn.Module) -> bool:
     return var_kw and hasattr(config, "use_cache")
 
 
+# Where inputs for a model come from when none are given: functions ``model -> [(what, inputs), ...]``, or None for
+# a model they do not know. The first that knows the model decides (the Hugging Face one registers itself in
+# growops/__init__.py); a model none knows is tried on its ``dummy_inputs``.
+InputsProvider = Callable[[nn.Module], "list[tuple[str, Any]] | None"]
+_PROVIDERS: list[InputsProvider] = []
+
+
+def register_inputs_provider(provider: InputsProvider) -> None:
+    """Add `provider` to the sources of inputs ``trace_model`` tries when no example inputs are given."""
+    if provider not in _PROVIDERS:
+        _PROVIDERS.append(provider)
+
+
 def _candidate_inputs(model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:
-    """``(what, inputs)`` to try torch.export on, in order: the user's example inputs alone if given; else the
-    model's ``dummy_inputs`` and, for a Hugging Face model, inputs built from its config."""
+    """``(what, inputs)`` to try torch.export on, in order: the user's example inputs alone if given; else what the
+    first provider that knows the model gives; else the model's ``dummy_inputs``."""
     if example_inputs is not None:
         return [("the example inputs", example_inputs)]
-    from ..integrations.hf_inputs import config_inputs, hf_model, runs_on
+    for provider in _PROVIDERS:
+        found = provider(model)
+        if found is not None:
+            return found
+    dummy = dummy_inputs(model)
+    return [] if dummy is None else [("its dummy_inputs", dummy)]
 
-    out = []
+
+def dummy_inputs(model: nn.Module) -> Any:
+    """``model.dummy_inputs``, or None where it has none or it fails (several HF vision models' do)."""
     try:
-        dummy = getattr(model, "dummy_inputs", None)
-    except Exception:  # noqa: BLE001 - a dummy_inputs property that fails (several HF vision models): skip it
-        dummy = None
-    if dummy is not None and runs_on(model, dummy):
-        out.append(("its dummy_inputs", dummy))
-    hf = hf_model(model)
-    if hf is not None:
-        built = config_inputs(hf)
-        if built is not None:
-            out.append(("inputs built from its config", built))
-    return out
+        return getattr(model, "dummy_inputs", None)
+    except Exception:  # noqa: BLE001 - a dummy_inputs property that fails: none
+        return None
 
 
 def trace_model(model: nn.Module, leaves: set[nn.Module] = frozenset(), example_inputs: Any = None,

@@ -44,6 +44,24 @@ def hf_model(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def candidate_inputs(model: nn.Module) -> list[tuple[str, Any]] | None:
+    """Inputs to trace a Hugging Face model (or a PEFT wrapper of one) on, for ``growops.fx.trace``: its
+    ``dummy_inputs`` where they hold its main input, then inputs built from its config; None for other models."""
+    from ..fx.trace import dummy_inputs
+
+    hf = hf_model(model)
+    if hf is None:
+        return None
+    out = []
+    dummy = dummy_inputs(model)
+    if dummy is not None and runs_on(model, dummy):
+        out.append(("its dummy_inputs", dummy))
+    built = config_inputs(hf)
+    if built is not None:
+        out.append(("inputs built from its config", built))
+    return out
+
+
 def runs_on(model: nn.Module, inputs: Any) -> bool:
     """False where `inputs` are keyword inputs that lack the model's main input (a ResNet's ``dummy_inputs`` hold
     ``input_ids``, its forward takes ``pixel_values``): not worth a trace."""
