@@ -9,7 +9,6 @@ moves the schedule, growing at stage boundaries.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import os
@@ -23,6 +22,7 @@ from torch import nn
 
 from .averaging import refuse_averaged_copy
 from .config import ApolloConfig
+from .eager import compile_boundaries, eager
 from .errors import GrowopsError, GrowopsTypeError, check_choice, check_int, warn
 from .fx.trace import NeedsInputs
 from .growth import copy_units
@@ -34,7 +34,7 @@ from .optim_state import StepRate, apply_states, check_policy, new_states, unwra
 from .plan import Plan, make_plan, resolve_plan
 from .saved import being_loaded
 from .schedule import SamplerSpec, Schedule, resolve_sampler, step_rng
-from .stack import in_backward
+from .stack import deep_copy, in_backward
 from .state import (
     EXTRA,
     STATE_VERSION,
@@ -133,6 +133,7 @@ class Apollo(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise GrowopsTypeError(f"apollo wraps an nn.Module, got {type(model).__name__}")
+        compile_boundaries(type(self))
         if isinstance(model, Apollo):
             raise GrowopsError("this model is already wrapped by growops.apollo: wrap the original model once "
                                "(a.model is the model; a.export() gives a plain grown copy)")
@@ -263,6 +264,7 @@ class Apollo(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         refuse_averaged_copy()
+        compile_boundaries(type(self))  # an unpickled wrapper in a fresh process was never built
         super().__setstate__(state)
         self._own_runtimes()  # a copy's (deepcopy, pickle) runtimes belong to the copy
 
@@ -312,7 +314,7 @@ class Apollo(nn.Module):
                 self._close_micro_batch()
         return (self._graph if self._graph is not None else self.model)(*args, **kwargs)
 
-    @torch.compiler.disable
+    @eager
     def _next_micro_batch(self) -> None:
         """resample="micro_batch": the k-th training forward of a step runs a depth drawn from (seed, step, k). A
         recomputation in the backward (checkpointing the whole model) runs the forward's depth again."""
@@ -325,7 +327,7 @@ class Apollo(nn.Module):
         for runtime in self._runtimes:
             runtime.wrapper_forwards = 1
 
-    @torch.compiler.disable
+    @eager
     def _close_micro_batch(self) -> None:
         for runtime in self._runtimes:
             runtime.wrapper_forwards = 0
@@ -416,7 +418,7 @@ class Apollo(nn.Module):
         """A copy of the model in its own class at full depth: L untied units, position i holding a copy of the
         unit it runs now, fixed blocks and every block's per-layer values as they are, original state_dict keys."""
         try:
-            copied = copy.deepcopy(self.model)
+            copied = deep_copy(self.model)
         except Exception as e:  # noqa: BLE001 - say what to do instead (a sharded model, say)
             raise GrowopsError(f"export() deep-copies the model, which failed ({type(e).__name__}: {e}); a sharded "
                                "model (FSDP2) must be gathered first: load its full state dict into an unsharded "

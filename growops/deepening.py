@@ -36,6 +36,7 @@ from .fx.trace import _candidate_inputs, example_inputs_for, first_line, trace_m
 from .integrations.hf_inputs import is_hf_model
 from .maps import growth_sources
 from .plan import _same_calls, find_stacks, refuse_wrapped
+from .stack import deep_copy
 from .structure import Layout, join
 from .values import write
 
@@ -260,7 +261,7 @@ def _rebuild_copy(model: nn.Module, s: BlockStack, children: list[int],
         raise GrowopsError(f"{s.path}: the blocks hold different values at {path} ({type(values[0]).__name__} objects "
                            "growops cannot compare), so growops cannot tell what a new block should hold there; build "
                            "the deeper model from its constructor and copy the blocks' weights")
-    new = copy.deepcopy(model)
+    new = deep_copy(model)
     container = new.get_submodule(s.path)
     names = list(container._modules)
     if names != [str(i) for i in range(len(names))]:
@@ -270,7 +271,7 @@ def _rebuild_copy(model: nn.Module, s: BlockStack, children: list[int],
     used: set[int] = set()
     fresh = []
     for i in children:
-        fresh.append(old[i] if i not in used else copy.deepcopy(old[i]))
+        fresh.append(old[i] if i not in used else deep_copy(old[i]))
         used.add(i)
     container._modules = OrderedDict((str(i), m) for i, m in enumerate(fresh))
     lay = dataclasses.replace(s.layout, units=len(sources))

@@ -2,7 +2,8 @@
 
 Invariants: blocks keep their Parameter objects (weights are copied in place), so an optimizer built over the
 model's parameters before a growth still holds every parameter after it; per-layer values (``growops.values``) are
-never copied, so every block keeps its own.
+never copied, so every block keeps its own. State that belongs to a weight is copied with it (a pruning mask, a
+parametrization's, normalization statistics: all in the state dict); what prune recomputes from them is recomputed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
 
 from .fx.analysis import BlockStack
 from .maps import growth_sources
@@ -37,7 +39,18 @@ def copy_units(units: Sequence[Unit], sources: Sequence[int], per_layer: Sequenc
             for name, tensor in block.state_dict(keep_vars=True).items():
                 if name in source and id(tensor) not in own:
                     tensor.copy_(source[name])
+            _recompute_pruned(block)
     return changed
+
+
+def _recompute_pruned(block: nn.Module) -> None:
+    """Recompute the tensors ``torch.nn.utils.prune`` derives from a weight and its mask (``weight`` from
+    ``weight_orig * weight_mask``) in `block`, whose weights and masks were just copied: read between calls, they
+    show the copied weights, as after prune's own call (each call recomputes them anyway)."""
+    for module in block.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, BasePruningMethod):
+                setattr(module, hook._tensor_name, hook.apply_mask(module))
 
 
 def copy_blocks(blocks: Sequence[nn.Module], sources: Sequence[int], per_layer: Sequence[str] = ()) -> list[int]:

@@ -19,7 +19,6 @@ instead (needs ``torch.fx.symbolic_trace``).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from collections.abc import Sequence
@@ -28,12 +27,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
 
 from .errors import GrowopsError, GrowopsTypeError, warn
 from .fx.analysis import BlockStack, analyse, call_sequence
 from .fx.passes import insert_depth_gate
 from .fx.trace import example_inputs_for, graph_trace, trace_model
-from .stack import STACK_ATTR, StackRuntime, can_share, share, unshare
+from .stack import STACK_ATTR, StackRuntime, can_share, deep_copy, share, unshare
 from .structure import Layout, block_containers, difference, find_layout, join, module_signature
 from .values import MISSING, classify, read
 
@@ -310,7 +310,7 @@ def _check_blocks(model: nn.Module, s: BlockStack) -> None:
             raise GrowopsError(f"{join(path, scripted[0])} is a TorchScript module: growops reads and rewrites Python "
                                "modules; script the model after growing it (torch.jit.script(a.export()))")
         try:
-            copy.deepcopy(block)
+            deep_copy(block)
         except Exception as e:  # noqa: BLE001 - export() deep-copies the model: refuse now, not after training
             raise GrowopsError(f"{path} cannot be deep-copied ({type(e).__name__}: {str(e).splitlines()[0]}), and "
                                "a.export() copies the model: keep tensors computed from weights (a weight's view, "
@@ -453,8 +453,8 @@ def warn_block_hooks(model: nn.Module, plan: Plan) -> None:
     for s in plan.stacks:
         for path in (p for u in range(s.layers) for p in s.unit(u)):
             block = model.get_submodule(path)
-            hooked = [name for name, m in block.named_modules()
-                      if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+            hooked = [name for name, m in block.named_modules() if m._forward_hooks or m._backward_hooks or
+                      any(not isinstance(h, BasePruningMethod) for h in m._forward_pre_hooks.values())]
             if hooked:
                 warn(f"growops: {join(path, hooked[0])} has hooks of yours: they fire wherever its block "
                      "runs while blocks are shared (at every position that shares it, never while it is not "

@@ -68,6 +68,7 @@ class ExportedState:
 
     def __call__(self, container: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
         r = self.runtime
+        r.settle()  # every unit holds its own per-layer values, which each slot saves
         if r.owned and (r.owner is None or r.owner() is None):
             raise GrowopsError(f"{r.path}'s growops wrapper is gone (this model is a copy of a.model, or the wrapper "
                                "was dropped): its state dict would describe the schedule as it stood then, not a model "

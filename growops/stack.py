@@ -18,7 +18,16 @@ Two ways to run it, one semantics:
   ``growops.fx.insert_depth_gate``), for models that index their blocks.
 
 A child replaced after wrapping (``model.layers[3] = ...``) is used if it is structurally like the block it replaces
-and rejected with a GrowopsError otherwise; it is never ignored.
+and rejected with a GrowopsError otherwise; it is never ignored. A child replaced by an activation wrapper
+(``apply_activation_checkpointing``: ``CheckpointWrapper`` holding the block, ``growops.checkpointing``) keeps its
+block as the unit's (weights, per-layer values, growth) and is what a position runs, so the checkpointing applies.
+
+Activation checkpointing while a unit runs at several positions: a recomputation in the backward must run the same
+block with the per-layer values of the position it recomputes, although the forward has ended and the unit holds its
+own values again. Where there are per-layer values, each position's output is marked (``_Position``, outside an
+activation wrapper's checkpoint); the backward reaches the mark before anything inside the block, and gives the unit
+that position's values then, before the recomputation reads one. The recomputation runs the module the checkpoint
+holds: the same block.
 """
 
 from __future__ import annotations
@@ -31,10 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpointing import held
+from .checkpointing import layers as wrapper_layers
+from .eager import compile_boundaries, eager
 from .errors import GrowopsError
 from .maps import depth_map
 from .structure import Layout, difference, module_signature
-from .values import is_state_buffer, read, state_names, write
+from .values import is_state_buffer, pruned, read, state_names, write
 
 STACK_ATTR = "_growops_stack"  # set on a managed container (both modes): marks a model as already wrapped
 
@@ -70,7 +82,7 @@ class _Position(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         runtime, block, position = ctx.mark
-        runtime._replay[block] = position
+        runtime.replaying(block, position)
         return grad, None, None, None
 
 
@@ -94,14 +106,20 @@ def in_backward() -> bool:
 
 
 class StackRuntime:
-    """Which physical block runs at each position of one stack; shared by its container or gate and by Apollo."""
+    """Which physical block runs at each position of one stack; shared by its container or gate and by Apollo.
+
+    ``children[i]`` is what the container holds, ``blocks[i]`` the block it runs: the same module, or the one inside
+    the activation wrappers put around it. Units, growth, per-layer values and hooks that guard use ``blocks``; a
+    position hands out ``children``, so a wrapper's checkpointing applies."""
 
     def __init__(self, container: nn.Module, layout: Layout | None = None, per_layer: Sequence[str] = (),
                  growth: str = "interpolate", path: str = "stack", shared_state: Sequence[str] = ()):
+        _boundaries()
         self.container = container
         self.path = path
         self.names = tuple(container._modules)
-        self.blocks: list[nn.Module] = list(container._modules.values())
+        self.children: list[nn.Module] = list(container._modules.values())  # what the container holds, as adopted
+        self.blocks: list[nn.Module] = list(self.children)  # the block of each child: itself, or what its wrapper runs
         self.layout = layout or Layout(0, 1, len(self.blocks), 0)
         if self.layout.size != len(self.blocks):
             raise GrowopsError(f"layout {self.layout} does not fit {path}'s {len(self.blocks)} children")
@@ -121,6 +139,8 @@ class StackRuntime:
         self._handed: set[int] = set()  # ids of the blocks handed out for a position in this session
         self._position_of: dict[int, int] = {}  # block id -> the position it was last handed out for
         self._replay: dict[int, int] = {}  # block id -> the position the backward is about to recompute it for
+        self._recomputing = False  # the session is the backward's (begun by _begin_recompute)
+        self._index_wrappers()
         self.owned = False  # set by the Apollo wrapper that owns this runtime (owner: a weak reference to it)
         self.owner = None
         self.wrapper_forwards = None  # resample="micro_batch": training forwards a(...) announced, not yet begun
@@ -158,38 +178,40 @@ class StackRuntime:
     # Both helpers are opaque to torch.compile on purpose: a graph break inside the model's block loop makes dynamo
     # run that loop eagerly and compile each block call as its own frame (regional compilation), so the depth and
     # the sharing never enter a graph and never trigger a recompile.
-    @torch.compiler.disable
+    @eager
     def _selected(self, selection: slice | int) -> list:
         self.begin()
         entries = self.entries()
         return entries[selection] if isinstance(selection, slice) else [entries[selection]]
 
-    @torch.compiler.disable
+    @eager
     def _block_at(self, entry: tuple[int, int | None]) -> nn.Module:
         first, position = entry
         if position is None:
-            return self.blocks[first]
+            return self.children[first]
         self.begin()
-        unit = self.unit(self.mapping()[position])
+        u = self.mapping()[position]
+        unit = self.unit(u)
         for path in self._phase_paths[first]:
             write(unit, path, self._own[position][path])
         self._handed.add(id(unit[first]))
         self._position_of[id(unit[first])] = position
-        return unit[first]
+        return self.children[self.layout.unit(u)[first]]  # the block, or its activation wrapper
 
     # ---------------------------------------------------------------- a session: one forward, or one recomputed call
-    @torch.compiler.disable
+    @eager
     def core_entries(self) -> list[tuple[int, int | None]]:
         """The entries of the growable positions only (a gate runs those; the graph calls the fixed blocks)."""
         self.begin()
         entries = self.entries()
         return entries[self.layout.prefix:len(entries) - self.layout.suffix]
 
-    @torch.compiler.disable
+    @eager
     def begin(self) -> None:
         """A session starts using the stack (a forward, or a recomputation in the backward): adopt replaced children,
         empty the cast cache, note each unit's own per-layer values (read now, so ``model.to()`` and loaded weights
         are seen) and the state of the units that will run at several positions."""
+        self.settle()
         if self._own is not None:
             return
         self._check_owner()
@@ -199,11 +221,11 @@ class StackRuntime:
         self._state = self._state_snapshot()
         self._handed = set()
 
-    @torch.compiler.disable
+    @eager
     def end(self) -> None:
         """The session is over: every unit gets its own per-layer values back. Then, if the forward changed state
         kept in a unit that ran at several positions, raise: that state was shared by the positions."""
-        own, self._own = self._own, None
+        own, self._own, self._recomputing = self._own, None, False
         state, self._state, self._handed = self._state, {}, set()
         if own and self.per_layer:
             for unit, values in zip(self.units(), own):
@@ -218,11 +240,11 @@ class StackRuntime:
                     f"p = p.declare(per_layer=[{path!r}]); growops.apollo(model, ..., plan=p), or constant=[...] if "
                     "sharing it is right")
 
-    @torch.compiler.disable
+    @eager
     def enter(self, *_) -> None:
         self.active += 1
 
-    @torch.compiler.disable
+    @eager
     def exit(self, *_) -> None:
         self.active = max(0, self.active - 1)
         if self.active == 0:
@@ -322,14 +344,43 @@ class StackRuntime:
                 "than forward, or model.forward(...) called directly) runs the physical blocks. Call the model (or a "
                 "module that contains the container), or use a.export()")
 
+    def replaying(self, block: int, position: int) -> None:
+        """The backward reached the output of the block with id `block` that ran at `position`: what the backward
+        recomputes of it (activation checkpointing) comes next. Its unit gets that position's per-layer values now,
+        before the recomputation reads one (a checkpointed ``forward`` may read ``self.layer_idx`` before any hook of
+        the block runs); ``guard`` gives them again where a hook runs. A backward inside a forward changes nothing:
+        the forward's values stand."""
+        self._replay[block] = position
+        if self.active or not self.per_layer:
+            return
+        if self._unit_of is None:
+            self._unit_of = self._index_units()
+        found = self._unit_of.get(block)
+        if found is None:
+            return  # replaced since the forward: guard refuses the stale block if the recomputation runs it
+        unit, root = found
+        if self._own is None and unit == position:
+            return  # the unit holds its own values, which are this position's
+        self._begin_recompute()
+        phase = (self.blocks.index(root) - self.layout.prefix) % self.layout.period
+        for path in self._phase_paths[phase]:
+            write(self.unit(unit), path, self._own[position][path])
+
     def _begin_recompute(self) -> None:
         """A session for recomputations in this backward; it ends when the backward does."""
         if self._own is None:
             self.begin()
+            self._recomputing = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_recompute)
 
     def _end_recompute(self) -> None:
         if self._own is not None and not self.active:
+            self.end()
+
+    def settle(self) -> None:
+        """End a backward's session that its backward did not end (it raised before its end): outside a backward
+        every unit holds its own per-layer values."""
+        if self._recomputing and not self.active and not in_backward():
             self.end()
 
     def release(self, module: nn.Module, args, output):
@@ -341,21 +392,33 @@ class StackRuntime:
             if self._own is not None and not in_backward():  # positions() used directly: one call, one session
                 self.end()
             return None
-        position = self._position_of.get(id(module))
+        root = self._wrapped.get(id(module), module)
+        if root is module and id(root) in self._wrapped_blocks:
+            return None  # its wrapper marks the output outside the wrapper's checkpoint (a reentrant one hides this)
+        position = self._position_of.get(id(root))
         if not self.per_layer or position is None or not torch.is_grad_enabled():
             return None
-        return _mark(output, self, id(module), position)
+        return _mark(output, self, id(root), position)
 
     def guard_blocks(self) -> None:
         """Put ``guard`` on every growable block, and on its submodules when there are per-layer values (a
-        recomputation of a submodule could not restore them); and ``release`` on every growable block (once)."""
+        recomputation of a submodule could not restore them); and ``release`` on every growable block, or on the
+        activation wrapper around it (once)."""
         for u in range(self.layers):
-            for block in self.unit(u):
+            for i in self.layout.unit(u):
+                block, child = self.blocks[i], self.children[i]
                 for module in block.modules() if self.per_layer else (block,):
                     if not any(isinstance(h, _Guard) and h.runtime is self for h in module._forward_pre_hooks.values()):
                         module.register_forward_pre_hook(_Guard(self, "block" if module is block else "sub"))
-                if not any(isinstance(h, _Guard) and h.runtime is self for h in block._forward_hooks.values()):
-                    block.register_forward_hook(_Guard(self, "after"), always_call=True)
+                for module in {id(block): block, id(child): child}.values():
+                    if not any(isinstance(h, _Guard) and h.runtime is self for h in module._forward_hooks.values()):
+                        module.register_forward_hook(_Guard(self, "after"), always_call=True)
+
+    def _index_wrappers(self) -> None:
+        """Note each activation wrapper the container holds around a growable block (``_wrapped``: its id -> the
+        block) and the blocks so held (``_wrapped_blocks``)."""
+        self._wrapped = {id(c): b for i in self.layout.core() if (c := self.children[i]) is not (b := self.blocks[i])}
+        self._wrapped_blocks = {id(b) for b in self._wrapped.values()}
 
     def _index_units(self) -> dict[int, tuple[int, nn.Module]]:
         """id of every module of every growable block -> (its unit, its block)."""
@@ -364,41 +427,89 @@ class StackRuntime:
     # ---------------------------------------------------------------- children replaced after wrapping
     def sync(self) -> None:
         """Adopt children replaced since the last call when each is structurally like the one it replaces; raise a
-        GrowopsError naming it otherwise (nothing is adopted then)."""
+        GrowopsError naming it otherwise (nothing is adopted then). The container itself must stay where it was."""
+        self._check_placed()
         current = list(self.container._modules.values())
-        if len(current) == len(self.blocks) and all(a is b for a, b in zip(current, self.blocks)):
+        if len(current) == len(self.children) and all(a is b for a, b in zip(current, self.children)):
             return
         if tuple(self.container._modules) != self.names:
             raise GrowopsError(f"{self.path} changed after growops.apollo wrapped the model: its children are now "
                                f"{list(self.container._modules)}, were {list(self.names)}; growops cannot tell which "
                                "block is which. Change the model before wrapping it")
-        replaced = [i for i, (a, b) in enumerate(zip(current, self.blocks)) if a is not b]
+        replaced = [i for i, (a, b) in enumerate(zip(current, self.children)) if a is not b]
+        blocks = list(self.blocks)
         for i in replaced:
-            if module_signature(current[i]) != self.signatures[i]:
+            blocks[i] = self._block_of(i, current[i])
+        for i in replaced:
+            twin = next((j for j, b in enumerate(blocks) if b is blocks[i] and j != i), None)
+            if twin is not None:  # one module in two slots: growth would write one unit's weights into the other's
                 raise GrowopsError(
-                    f"{self.path}.{self.names[i]} was replaced after growops.apollo wrapped the model, by a "
-                    f"{type(current[i]).__name__} whose structure differs from the block it replaced "
-                    f"({difference(self.blocks[i], current[i])}); growops would share and grow weights into a module "
-                    "it does not know. Apply such wrappers (activation checkpointing, say) before growops.apollo(...), "
-                    "or put back a block like the others")
-        self.blocks = current
+                    f"{self.path}.{self.names[i]} was replaced after growops.apollo wrapped the model by "
+                    f"{self.path}.{self.names[twin]}'s block itself, so one module would hold two slots and growth "
+                    f"would write through it. Put a copy there (copy.deepcopy), or the block it replaced")
+        self.children, self.blocks = current, blocks
         self._unit_of = None
+        self._index_wrappers()
         self.guard_blocks()
         if self.route_replacements:
             from .ops.routing import route_shared_linears
-            route_shared_linears([current[i] for i in replaced], runtime=self)
+            route_shared_linears([blocks[i] for i in replaced], runtime=self)
+
+    def _check_placed(self) -> None:
+        """Raise if the owner's model no longer holds the container at its path (an activation wrapper put around
+        the container, say): the model's forward would no longer reach what growops runs, and export would keep it."""
+        model = getattr(self.owner() if self.owner is not None else None, "model", None)
+        if model is None:
+            return
+        module = model
+        for name in self.path.split("."):  # through activation wrappers around a module above (they run it)
+            while module is not None and name not in module._modules and held(module) is not None:
+                module = held(module)
+            module = module._modules.get(name) if module is not None else None
+        if module is not self.container:
+            kind = "nothing" if module is None else f"a {type(module).__name__}"
+            raise GrowopsError(
+                f"{self.path} was replaced after growops.apollo wrapped the model, by {kind}: growops runs the blocks "
+                f"of the container it wrapped, which the model no longer calls. Wrap the blocks, not their container "
+                f"(apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, YourBlock))), or put the "
+                "container back")
+
+    def _block_of(self, i: int, child: nn.Module) -> nn.Module:
+        """The block that `child`, put in place of child i, runs: the block it replaced held by activation wrappers
+        (``apply_activation_checkpointing``), else `child` or the block inside its wrappers when structurally like
+        the one replaced; a GrowopsError naming the difference otherwise."""
+        found = wrapper_layers(child)
+        for module in found:
+            if module is self.blocks[i]:
+                return module
+        for module in found:
+            if module_signature(module) == self.signatures[i]:
+                return module
+        raise GrowopsError(
+            f"{self.path}.{self.names[i]} was replaced after growops.apollo wrapped the model, by a "
+            f"{type(child).__name__} whose structure differs from the block it replaced "
+            f"({difference(self.blocks[i], found[-1])}); growops would share and grow weights into a module it does "
+            "not know. Put back a block like the others (activation checkpointing wrappers, which hold the block "
+            "they replace, are fine)")
 
     def __setstate__(self, state: dict) -> None:
         if state.get("owned"):
             from .averaging import refuse_averaged_copy
 
             refuse_averaged_copy()
+        _boundaries()  # unpickled in a fresh process, where no runtime was built
         self.__dict__.update(state)
+        self.__dict__.setdefault("children", list(self.blocks))  # pickled before activation wrappers were adopted
+        self.__dict__.setdefault("_recomputing", False)
+        self._index_wrappers()  # ids of the copy's modules
 
     def __getstate__(self) -> dict:
         # Casts and forward state are not state; ids change in a copy.
-        return {**self.__dict__, "cast_cache": {}, "active": 0, "_own": None, "_state": {}, "_handed": set(),
-                "_position_of": {}, "_replay": {}, "_unit_of": None, "owner": None}
+        state = {**self.__dict__, "cast_cache": {}, "active": 0, "_own": None, "_state": {}, "_handed": set(),
+                 "_position_of": {}, "_replay": {}, "_unit_of": None, "owner": None, "_recomputing": False}
+        for name in ("_wrapped", "_wrapped_blocks"):
+            state.pop(name, None)
+        return state
 
 
 
@@ -420,7 +531,7 @@ class _Guard:
 
     # At a block's boundary, run eagerly under torch.compile too (a graph break where regional compilation breaks
     # anyway): the checks read and set Python state.
-    @torch.compiler.disable
+    @eager
     def _block(self, module: nn.Module, args, output):
         if self.kind == "after":
             return self.runtime.release(module, args, output)
@@ -431,6 +542,31 @@ class _Guard:
         if id(self.runtime) not in memo and id(self.runtime.container) not in memo:
             return self  # one block copied alone
         return _Guard(copy.deepcopy(self.runtime, memo), self.kind)  # the stack is copied: guard the copy
+
+
+def _boundaries() -> None:
+    """Make the ``@eager`` methods of the runtime and its hooks opaque to torch.compile, with ``COMPILE_ADVICE`` as
+    the reason dynamo gives when ``fullgraph=True`` meets one (``growops.eager``)."""
+    compile_boundaries(StackRuntime)
+    compile_boundaries(_Guard)
+
+
+def deep_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` (a model under growops or any module), where a tensor that ``torch.nn.utils.prune``
+    recomputes at every call is copied detached: copy.deepcopy alone refuses it (it is computed from a weight, not a
+    leaf), and the copy's own hook recomputes it from the copy's ``weight_orig`` and mask at its first call. A
+    backward's session that an error left open is ended first, so every unit holds its own per-layer values; nothing
+    else in `model` changes."""
+    memo = {}
+    for module in model.modules():
+        runtime = module.__dict__.get(STACK_ATTR)
+        if runtime is not None:
+            runtime.settle()
+        for name in pruned(module):
+            tensor = module.__dict__.get(name)
+            if isinstance(tensor, torch.Tensor) and not tensor.is_leaf:
+                memo[id(tensor)] = tensor.detach().clone()  # deepcopy takes a tensor found in the memo as its copy
+    return copy.deepcopy(model, memo)
 
 
 def scope_forwards(runtime: StackRuntime, modules: Sequence[nn.Module]) -> list[tuple[nn.Module, int]]:

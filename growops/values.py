@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.nn.utils.prune import BasePruningMethod, PruningContainer
 
+from .checkpointing import held
+
 # _parameters, _buffers, _modules, hook dicts, training, ...; and what Module.compile() sets
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
 _STATE_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # trained state of normalization layers
@@ -84,12 +86,17 @@ def weight_state(module: nn.Module, attr: str, path: str) -> bool:
         return True
     if "parametrizations" in path.split("."):
         return True
+    return any(attr in (name, f"{name}_mask") for name in pruned(module))
+
+
+def pruned(module: nn.Module) -> list[str]:
+    """The names of `module`'s tensors that ``torch.nn.utils.prune`` recomputes at every call (``weight`` from
+    ``weight_orig * weight_mask``, by a forward pre-hook)."""
+    out = []
     for hook in module._forward_pre_hooks.values():
         methods = hook._pruning_methods if isinstance(hook, PruningContainer) else (hook,)
-        if any(isinstance(m, BasePruningMethod) and attr in (m._tensor_name, f"{m._tensor_name}_mask")
-               for m in methods):
-            return True
-    return False
+        out += [m._tensor_name for m in methods if isinstance(m, BasePruningMethod)]
+    return out
 
 
 def read(unit: Sequence[nn.Module], path: str) -> Any:
@@ -124,7 +131,16 @@ def _locate(unit: Sequence[nn.Module], path: str) -> tuple[nn.Module, str]:
     phase, rest = state_names(path, len(unit))
     owner_path, _, attr = rest.rpartition(".")
     block = unit[phase]
-    return (block.get_submodule(owner_path) if owner_path else block), attr
+    return _inside(block.get_submodule(owner_path) if owner_path else block, attr), attr  # through wrappers too
+
+
+def _inside(module: nn.Module, attr: str) -> nn.Module:
+    """The module that holds `attr` for `module`: `module`, or where an activation wrapper was put around it after
+    the plan named its values (``apply_activation_checkpointing``), the module the wrapper runs, which is the one
+    that reads the value (the wrapper forwards attribute reads to it)."""
+    while attr not in module.__dict__ and attr not in module._buffers and (inner := held(module)) is not None:
+        module = inner
+    return module
 
 
 def _candidates(subs: list[nn.Module], path: str = "") -> list[tuple[str, str]]:

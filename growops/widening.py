@@ -34,6 +34,7 @@ from .fx.trace import _candidate_inputs, example_inputs_for, first_line, trace_m
 from .fx.width import ParamWidth, _named_tensors, _shape, dim_growths, group_growths, width_groups, width_plan
 from .integrations.hf_inputs import is_hf_model
 from .plan import find_stacks, refuse_wrapped
+from .stack import deep_copy
 
 PLAN_ATTR = "_growops_width_plan"
 OPTIMIZER_POLICIES = ("split", "reset")
@@ -175,7 +176,7 @@ def _widen_by_graph(model: nn.Module, hidden: int, ffn: int | None, heads: int |
     tensors = _named_tensors(model)
     growths = group_growths(groups, tensors, anchor, hidden)
     plan = width_plan(gm, model, growths)
-    new = copy.deepcopy(model)
+    new = deep_copy(model)
     made: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for entry in plan.values():

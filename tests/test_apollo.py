@@ -640,13 +640,17 @@ def test_a_block_replaced_after_wrapping_is_used_or_refused():
         block.register_forward_hook(lambda m, args, out, i=i: seen.append(i))
     a(**gpt_batch())
     assert seen == [0, 0, 1, 1] and a._runtimes[0].blocks[1] is replacement
-    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "Block")
-    with pytest.raises(GrowopsError, match=r"blocks.0 was replaced after growops.apollo wrapped the model, by a "
-                                           r"CheckpointWrapper.*Apply such wrappers .* before growops.apollo"):
+    model.blocks[2] = nn.Sequential(nn.Linear(16, 16))  # another structure: refused, nothing adopted
+    with pytest.raises(GrowopsError, match=r"blocks.2 was replaced after growops.apollo wrapped the model, by a "
+                                           r"Sequential whose structure differs"):
         a(**gpt_batch())
     with pytest.raises(GrowopsError, match="was replaced after growops.apollo wrapped"):
         a.step()
     assert a.step_count == 0
+    model.blocks[2] = a._runtimes[0].blocks[2]
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "Block")  # each holds its block
+    a(**gpt_batch())
+    assert [type(b).__name__ for b in model.blocks] == ["CheckpointWrapper"] * 4
 
 
 def test_step_checks_everything_before_changing_anything():

@@ -20,7 +20,7 @@ from growops.stack import (
     unshare,
 )
 from growops.structure import Layout
-from tests.models import BufferNet
+from tests.models import BufferNet, SequentialNet
 
 
 def _blocks(n=4):
@@ -358,3 +358,40 @@ def test_torch_func_grad_through_shared_blocks_is_the_untied_models_summed_over_
     for name, _ in plain.layers[0].named_parameters():
         expected = sum(dict(block.named_parameters())[name].grad for block in plain.layers)
         torch.testing.assert_close(grads[f"model.layers.0.{name}"], expected)
+
+
+@pytest.mark.parametrize("resample", ["step", "micro_batch"])  # micro_batch: the wrapper's own entry points first
+def test_compiling_the_whole_wrapper_as_one_graph_says_what_to_do_instead(resample):
+    """growops' runtime is opaque to torch.compile on purpose (regional compilation); fullgraph=True meets it at the
+    first hook, and dynamo's error then carries growops' advice rather than only its own hint to remove the
+    torch.compiler.disable call. Every such entry point of the runtime carries it."""
+    import re
+
+    import torch._dynamo
+
+    from growops.eager import COMPILE_ADVICE
+    from growops.stack import _Guard
+
+    a = growops.apollo(SequentialNet(4), stages=(2, 4), stage_steps=(1,), resample=resample)
+    disabled = {name: f for cls in (StackRuntime, _Guard) for name, f in vars(cls).items()
+                if getattr(f, "_torchdynamo_disable", False)}
+    assert disabled.keys() == {"_selected", "_block_at", "core_entries", "begin", "end", "enter", "exit", "_block"}
+    assert all(f._torchdynamo_disable_msg == COMPILE_ADVICE for f in disabled.values())
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(torch._dynamo.exc.Unsupported, match=re.escape(f"(reason: {COMPILE_ADVICE})")):
+            torch.compile(a, fullgraph=True, backend="eager")(torch.randn(3, 4))
+        compiled = torch.compile(a.eval(), backend="eager")  # as advised: without fullgraph
+        torch.testing.assert_close(compiled(torch.ones(3, 4)), a(torch.ones(3, 4)))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_block_put_in_two_slots_is_refused():
+    blocks = _blocks(4)
+    holder, runtime = _shared(blocks)
+    holder.layers[3] = blocks[1]
+    with pytest.raises(GrowopsError, match=r"^layers.3 was replaced after growops.apollo wrapped the model by "
+                                           r"layers.1's block itself"):
+        holder(torch.randn(1, 3))
+    assert runtime.blocks == blocks and runtime.children == blocks
