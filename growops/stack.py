@@ -138,6 +138,7 @@ class StackRuntime:
         self._state: dict = {}  # what the state kept in shared units looked like when the session began
         self._handed: set[int] = set()  # ids of the blocks handed out for a position in this session
         self._position_of: dict[int, int] = {}  # block id -> the position it was last handed out for
+        self._running: dict[tuple[int, int], int] = {}  # (unit, phase) -> the position it runs in this session
         self._replay: dict[int, int] = {}  # block id -> the position the backward is about to recompute it for
         self._recomputing = False  # the session is the backward's (begun by _begin_recompute)
         self._index_wrappers()
@@ -192,6 +193,10 @@ class StackRuntime:
         self.begin()
         u = self.mapping()[position]
         unit = self.unit(u)
+        previous = self._running.get((u, first))
+        if previous is not None and previous != position:
+            self._keep(unit, first, previous)
+        self._running[(u, first)] = position
         for path in self._phase_paths[first]:
             write(unit, path, self._own[position][path])
         self._handed.add(id(unit[first]))
@@ -219,14 +224,17 @@ class StackRuntime:
         self.cast_cache.clear()
         self._own = [{p: read(unit, p) for p in self.per_layer} for unit in self.units()]
         self._state = self._state_snapshot()
-        self._handed = set()
+        self._handed, self._running = set(), {}
 
     @eager
     def end(self) -> None:
         """The session is over: every unit gets its own per-layer values back. Then, if the forward changed state
         kept in a unit that ran at several positions, raise: that state was shared by the positions."""
+        if self._own is not None and not self._recomputing:
+            for (u, phase), position in self._running.items():
+                self._keep(self.unit(u), phase, position)
         own, self._own, self._recomputing = self._own, None, False
-        state, self._state, self._handed = self._state, {}, set()
+        state, self._state, self._handed, self._running = self._state, {}, set(), {}
         if own and self.per_layer:
             for unit, values in zip(self.units(), own):
                 for path, value in values.items():
@@ -239,6 +247,12 @@ class StackRuntime:
                     f"positions. Declare it per layer (each position keeps its own): p = growops.plan(model); "
                     f"p = p.declare(per_layer=[{path!r}]); growops.apollo(model, ..., plan=p), or constant=[...] if "
                     "sharing it is right")
+
+    def _keep(self, unit: tuple[nn.Module, ...], phase: int, position: int) -> None:
+        """`position` is over on `unit`: what its block now holds at the per-layer paths (a value the forward
+        rebound, a cache it extended) is that position's from now on."""
+        for path in self._phase_paths[phase]:
+            self._own[position][path] = read(unit, path)
 
     @eager
     def enter(self, *_) -> None:
@@ -501,12 +515,14 @@ class StackRuntime:
         self.__dict__.update(state)
         self.__dict__.setdefault("children", list(self.blocks))  # pickled before activation wrappers were adopted
         self.__dict__.setdefault("_recomputing", False)
+        self.__dict__.setdefault("_running", {})
         self._index_wrappers()  # ids of the copy's modules
 
     def __getstate__(self) -> dict:
         # Casts and forward state are not state; ids change in a copy.
         state = {**self.__dict__, "cast_cache": {}, "active": 0, "_own": None, "_state": {}, "_handed": set(),
-                 "_position_of": {}, "_replay": {}, "_unit_of": None, "owner": None, "_recomputing": False}
+                 "_position_of": {}, "_running": {}, "_replay": {}, "_unit_of": None, "owner": None,
+                 "_recomputing": False}
         for name in ("_wrapped", "_wrapped_blocks"):
             state.pop(name, None)
         return state

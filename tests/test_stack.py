@@ -395,3 +395,42 @@ def test_a_block_put_in_two_slots_is_refused():
                                            r"layers.1's block itself"):
         holder(torch.randn(1, 3))
     assert runtime.blocks == blocks and runtime.children == blocks
+
+
+class _Appending(nn.Module):
+    """Keeps a cache it rebinds (not writes in place) at every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.cache = None
+
+    def forward(self, x):
+        k = self.fc(x).detach()
+        self.cache = k if self.cache is None else torch.cat([self.cache, k], 1)
+        return x + torch.tanh(self.cache.mean(1, keepdim=True))
+
+
+class _AppendingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_Appending() for _ in range(4))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_per_layer_value_the_forward_rebinds_is_kept_by_its_position():
+    """A declared per-layer cache the block replaces by a new object each call (torch.cat, not an in-place write):
+    each position keeps what its call made, as the untied model's layers do, call after call."""
+    torch.manual_seed(0)
+    model = _AppendingNet()
+    plan = growops.plan(model).declare(per_layer=["cache"])
+    a = growops.apollo(model, stages=(1, 4), stage_steps=(5,), plan=plan).eval()
+    untied = a.export().eval()
+    x = torch.randn(2, 3, 4)
+    for step in (x, x[:, :1], x[:, :2]):
+        torch.testing.assert_close(a(step), untied(step), rtol=0, atol=0)
+    assert [tuple(layer.cache.shape) for layer in model.layers] == [(2, 6, 4)] * 4
