@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import GrowopsError, GrowopsTypeError, check_choice, check_int
+from .errors import GrowopsError, GrowopsTypeError, check_choice, check_int, warn
 from .fx.analysis import BlockStack, call_sequence
 from .fx.residual import branch_zeros, zero_branches
 from .fx.trace import _candidate_inputs, example_inputs_for, first_line, trace_model
@@ -110,6 +110,10 @@ def grow_depth(model: nn.Module, layers: int, method: str = "zero", stack: str |
             f"on {difference[2]}: the model's computation depends on more than its blocks' weights (a value derived "
             "from each layer's index, say), so inserted blocks move the others. Use method='interpolate' or 'stack' "
             "and train, or build the deeper model yourself")
+    if method == "zero" and difference is None:
+        warn(f"growops: deepen(method='zero') could not check that {type(model).__name__}'s function is preserved: "
+             "it has no probe input it runs on (no dummy_inputs, not a Hugging Face model). Pass example_inputs= "
+             "(one batch) to check it")
     return Grown(new, changes, None if difference is None else difference[0])
 
 

@@ -209,7 +209,8 @@ def _resize(module: nn.Module) -> None:
 
 def _shapes_from_run(gm: fx.GraphModule, model: nn.Module, example_inputs: Any) -> None:
     """Record every node's output as ``node.meta["val"]`` by running `gm` on the first probe input (eval mode)."""
-    for _, inputs in _candidate_inputs(model, example_inputs):
+    failures = []
+    for what, inputs in _candidate_inputs(model, example_inputs):
         args, kwargs = example_inputs_for(model, inputs)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         values = []
@@ -226,13 +227,17 @@ def _shapes_from_run(gm: fx.GraphModule, model: nn.Module, example_inputs: Any) 
             with torch.no_grad():
                 _Recorder(gm).run(*values)
             return
-        except Exception:  # noqa: BLE001 - the next probe
+        except Exception as e:  # noqa: BLE001 - the next probe
+            failures.append(f"on {what}: {first_line(e)}")
             continue
         finally:
             for m, mode in modes:
                 m.training = mode
-    raise GrowopsError(f"widen needs an input {type(model).__name__} runs on, to read its widths: pass one batch as "
-                       "example_inputs=")
+    # The graph is symbolic: arguments not given take their defaults, so the branch traced is the defaults' one.
+    tried = f"; its symbolically traced forward failed {'; '.join(failures)}" if failures else ""
+    raise GrowopsError(f"widen needs an input {type(model).__name__} runs on, to read its widths{tried}: pass one "
+                       "batch it runs on as example_inputs=, with every argument the traced forward reads (the "
+                       "trace follows the branch of the arguments' defaults)")
 
 
 class _Recorder(fx.Interpreter):

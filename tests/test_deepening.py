@@ -368,3 +368,11 @@ def test_a_depth_that_splits_a_unit_is_refused():
                                                    r"of 2, got 5$"):
         growops.deepen(_Alternating(), layers=5, example_inputs=(torch.randn(3, 4),))
     assert len(growops.deepen(_Alternating(), layers=6, example_inputs=(torch.randn(3, 4),)).layers) == 6
+
+
+def test_zero_without_a_probe_input_says_the_function_was_not_checked(monkeypatch):
+    model = tiny_gpt(3)
+    monkeypatch.setattr(type(model), "dummy_inputs", None)  # no probe input of its own, not a Hugging Face model
+    with pytest.warns(UserWarning, match=r"could not check that GPT's function is preserved.*example_inputs="):
+        grown = growops.deepen(model, layers=6)
+    assert len(grown.blocks) == 6

@@ -801,3 +801,27 @@ def test_width_groups_ties_a_conv1d_leaf_by_its_transposed_weight():
     assert groups.find((id(block.weight), 1)) == groups.find((id(block.bias), 0)) == \
         groups.find((id(model.blocks[1].weight), 0))
     assert groups.find((id(model.inp.weight), 1)) != groups.find((id(block.weight), 0))
+
+
+def test_a_probe_the_traced_forward_fails_on_is_named_in_the_error():
+    """Symbolic tracing follows the branch of arguments that are given: a batch without labels runs the traced
+    labels branch with labels=None. The error says so, not just "pass example_inputs"."""
+
+    class WithLabels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x, labels=None):
+            y = self.out(self.blocks(self.inp(x)))
+            if labels is None:
+                return y
+            return (y - labels).square().mean()
+
+    x, labels = torch.randn(2, 4), torch.randn(2, 3)
+    with pytest.raises(growops.GrowopsError, match=r"its symbolically traced forward failed on the example inputs: "
+                                                   r"TypeError.*every argument the traced forward reads"):
+        growops.widen(WithLabels(), hidden=16, example_inputs=(x,))
+    assert growops.widen(WithLabels(), hidden=16, example_inputs=(x, labels)).blocks[0][0].weight.shape == (16, 16)
