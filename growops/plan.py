@@ -90,9 +90,23 @@ def make_plan(model: nn.Module, stack: str | Sequence[str] | None = None, exampl
     stacks = find_stacks(model, stack, example_inputs)
     containers = block_containers(model)
     leaves = {model.get_submodule(b) for blocks, _ in containers.values() for b in blocks}
-    mode = _probe_mode(model, stacks, leaves, example_inputs)
+    probe_failures: list[str] = []
+    mode = _probe_mode(model, stacks, leaves, example_inputs, probe_failures)
     if mode == "graph":
-        _check_graph_mode(model, stacks)
+        try:
+            _check_graph_mode(model, stacks)
+        except GrowopsError as e:
+            if not probe_failures:
+                raise
+            # Why the container could not run fewer positions says more than graph mode's failure alone.
+            paths = ", ".join(s.path for s in stacks)
+            raise GrowopsError(
+                f"growops cannot change the depth of {type(model).__name__}: with fewer positions in {paths} its "
+                f"forward fails ({probe_failures[0]}), so it reaches the blocks by an index of its own (`for i in "
+                "range(self.n_layer): self.layers[i]`) or looks the loop index up in a table built for every layer "
+                f"(a fixed block after the growable ones, say); and rewriting its graph failed: {e}. Iterate the "
+                "container in forward (`for block in self.layers: ...`) with code after the loop that does not "
+                "depend on the depth, or grow a core that ends before such code (stack='path[a:b]')") from None
     return Plan(stacks, mode, (id(model), mode))
 
 
@@ -365,7 +379,8 @@ def _with_values(model: nn.Module, s: BlockStack) -> BlockStack:
     return dataclasses.replace(s, per_layer_values=per_layer, undecided_values=undecided)
 
 
-def _probe_mode(model: nn.Module, stacks: tuple[BlockStack, ...], leaves: set, example_inputs: Any) -> str:
+def _probe_mode(model: nn.Module, stacks: tuple[BlockStack, ...], leaves: set, example_inputs: Any,
+                failures: list[str] | None = None) -> str:
     """"container" if the forward reaches every stack's blocks through its container, else "graph".
 
     Probes trace the forward again with each container running unit 0 at a few positions, and the graph must call each
@@ -385,7 +400,9 @@ def _probe_mode(model: nn.Module, stacks: tuple[BlockStack, ...], leaves: set, e
                 runtime.unique, runtime.depth, runtime.layers = 1, depth, depth  # throwaway: the same in any mode
                 runtime.active += 1  # the traced forward is a forward: containers see positions
             probe = trace_model(model, leaves, example_inputs)
-        except GrowopsError:
+        except GrowopsError as e:
+            if failures is not None:  # why the forward failed with fewer positions: said if graph mode fails too
+                failures.append(str(e).rpartition("torch.export failed ")[2].rpartition("; ")[0] or str(e))
             return "graph"
         finally:
             for c in containers:

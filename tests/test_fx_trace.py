@@ -53,9 +53,10 @@ def test_graph_mode_without_a_symbolic_trace_is_refused_saying_what_it_needs():
         def forward(self, x):
             return super().forward(x[:len(x)])
 
-    with pytest.raises(GrowopsError, match=r"^cannot change the depth of Untraceable: its forward does not iterate "
-                                           r"layers, and graph rewriting needs torch.fx.symbolic_trace, which failed "
-                                           r"\(RuntimeError: 'len' is not supported in symbolic tracing.*\)\. "
+    with pytest.raises(GrowopsError, match=r"^growops cannot change the depth of Untraceable: with fewer positions "
+                                           r"in layers its forward fails \(on the example inputs: IndexError.*by an "
+                                           r"index of its own.*graph rewriting needs torch.fx.symbolic_trace, which "
+                                           r"failed \(RuntimeError: 'len' is not supported in symbolic tracing.*\)\. "
                                            r"Iterate the container in forward"):
         growops.apollo(Untraceable(4), stages=(2, 4), stage_steps=(1,), example_inputs=torch.randn(2, 4))
 

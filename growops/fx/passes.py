@@ -120,9 +120,16 @@ def _chain_slots(calls: list[fx.Node], period: int):
         _agree(slots, k % period, key, "arguments")
         _agree(outs, (k - 1) % period, index, "output items")
         expected_users = {node} if item is None else {item}
-        if set(prev.users) != expected_users or (item is not None and set(item.users) != {node}):
-            raise GrowopsError(f"the output of {prev.target} is used outside the chain of blocks "
-                               f"(by {sorted(u.name for u in prev.users)}); insert_depth_gate needs a plain chain")
+        outside = sorted(u.name for u in [*prev.users, *(item.users if item is not None else ())]
+                         if u not in expected_users and u is not node)
+        if outside:
+            # The graph holds one such use per layer: the gate runs another number of positions, so they cannot follow.
+            raise GrowopsError(f"{prev.target}'s output is also used outside the chain of blocks (by `{outside[0]}`): "
+                               "a value collected over the layers (hidden states, router logits, an auxiliary loss) "
+                               "or a tap on one layer is written into the graph once per layer, for L layers, and a "
+                               "depth gate runs another number of positions; insert_depth_gate needs a plain chain. A "
+                               "forward that iterates the container (`for block in self.layers: ...`) runs its own "
+                               "loop at every depth, which supports collected values")
         if item is not None:
             glue[prev] = (item,)
     return [slots[r] for r in range(period)], [outs[r] for r in range(period)], glue

@@ -201,17 +201,25 @@ def module_state(model: nn.Module) -> list:
     and submodule entries (a submodule the forward replaces). Tensors' contents are not copied: tracing runs on
     proxies or fake tensors."""
     return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules),
-             set(m._non_persistent_buffers_set)) for m in model.modules()
+             set(m._non_persistent_buffers_set), _hook_tables(m)) for m in model.modules()
             if not isinstance(m, torch.jit.ScriptModule)]  # scripted: its tables are views the forward cannot change
+
+
+def _hook_tables(module: nn.Module) -> dict[str, dict]:
+    """A copy of each hook table of `module` (forward, backward, state-dict hooks): a forward may register hooks
+    (transformers installs its output-capturing hooks at the first call), which must not outlive the trace."""
+    return {name: dict(table) for name, table in module.__dict__.items() if "hooks" in name and isinstance(table, dict)}
 
 
 def restore_module_state(state: list) -> None:
     """Put back what ``module_state`` recorded: the model is as it was before the trace."""
-    for module, attrs, params, buffers, modules, non_persistent in state:
+    for module, attrs, params, buffers, modules, non_persistent, hooks in state:
         for name in [n for n in module.__dict__ if n not in attrs]:
             del module.__dict__[name]
         module.__dict__.update(attrs)
-        for table, saved in ((module._parameters, params), (module._buffers, buffers), (module._modules, modules)):
+        tables = [(module._parameters, params), (module._buffers, buffers), (module._modules, modules)]
+        tables += [(module.__dict__[name], saved) for name, saved in hooks.items()]
+        for table, saved in tables:  # in place: hook handles hold the tables themselves
             table.clear()
             table.update(saved)
         module._non_persistent_buffers_set.clear()
