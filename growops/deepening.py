@@ -96,7 +96,8 @@ def grow_depth(model: nn.Module, layers: int, method: str = "zero", stack: str |
     else:
         new, notes = _rebuild_copy(model, s, children, sources)
     changes += notes
-    new.train(model.training)
+    names = list(model.get_submodule(s.path)._modules)
+    match_training(new, model, {f"{s.path}.{j}": f"{s.path}.{names[i]}" for j, i in enumerate(children)})
     container = new.get_submodule(s.path)
     new_layout = dataclasses.replace(lay, units=n_new)
     for j in inserted:
@@ -128,6 +129,22 @@ def _new_units(s: BlockStack, layers: int) -> int:
         raise GrowopsError(f"{s.path} grows in units of {lay.period}: layers must be {fixed} plus a multiple of "
                            f"{lay.period}, got {layers}{fixed_note}")
     return core
+
+
+def match_training(new: nn.Module, old: nn.Module, renamed: dict[str, str] | None = None) -> None:
+    """Every module of `new` takes the training flag of its counterpart in `old`: the module of the same name, or,
+    under a prefix `renamed` maps (a grown block), of its source; the others take `old`'s root flag. (A BatchNorm
+    frozen in eval mode inside a training model stays frozen.)"""
+    new.train(old.training)
+    flags = {name: m.training for name, m in old.named_modules()}
+    for name, module in new.named_modules():
+        source = name
+        for prefix, origin in (renamed or {}).items():
+            if name == prefix or name.startswith(prefix + "."):
+                source = origin + name[len(prefix):]
+                break
+        if source in flags:
+            module.training = flags[source]
 
 
 def _child_sources(lay: Layout, sources: Sequence[int]) -> list[int]:

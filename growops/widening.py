@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .deepening import Grown, _match_tensors, _probe_difference
+from .deepening import Grown, _match_tensors, _probe_difference, match_training
 from .errors import GrowopsError, GrowopsTypeError, check_int
 from .fx.analysis import block_regions
 from .fx.residual import _hidden_output
@@ -80,7 +80,7 @@ def grow_width(model: nn.Module, hidden: int, ffn: int | None = None, heads: int
         new, plan, changes = _widen_by_config(model, hidden, ffn, heads, example_inputs)
     else:
         new, plan, changes = _widen_by_graph(model, hidden, ffn, heads, example_inputs)
-    new.train(model.training)
+    match_training(new, model)
     multiples = all(g.whole_multiple for entry in plan.values() for g in entry.grows.values())
     difference = _probe_difference(model, new, example_inputs)
     if difference is None:

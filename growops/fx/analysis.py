@@ -239,14 +239,16 @@ _NO_OPS = ("aten::to", "aten::contiguous", "aten::alias", "aten::type_as")
 
 
 def _alias_of_input(node: fx.Node, index: _BlockIndex) -> bool:
-    """Whether `node`, the first op of a block on a value from outside it, returns that value itself. torch.export
-    then records the value under the block's node (a hidden state saved before the block is called, say), which is
-    not the block's output: it belongs to the iteration it came from."""
+    """Whether `node`, the first op of a block on a value from outside it, returns that value itself and no later
+    block reads it. torch.export then records the value under the block's node (a hidden state saved before the block
+    is called and returned, say), which is not the block's output: it belongs to the iteration it came from."""
     name = getattr(getattr(node.target, "_schema", None), "name", None)
     source = node.args[0] if node.args else None
     if name not in _NO_OPS or not isinstance(source, fx.Node) or index.owner(node) is None or \
             index.owner(source) == index.owner(node):
         return False
+    if any(index.owner(u) not in (None, index.owner(node)) for u in node.users):
+        return False  # handed on to a later block (as the block's output, say): the block's value for the chain
     out, val = node.meta.get("val"), source.meta.get("val")
     return isinstance(out, torch.Tensor) and isinstance(val, torch.Tensor) and out.dtype == val.dtype and \
         out.device == val.device and out.shape == val.shape and out.stride() == val.stride()
