@@ -89,7 +89,15 @@ def apollo(model: nn.Module, stages=(1, 3, 6, 12), stage_steps=(2000, 4000, 1000
 
 
 def plan(model: nn.Module, stack: str | Sequence[str] | None = None, example_inputs: Any = None) -> Plan:
-    """What ``apollo`` would do to `model`, without changing it: print it, edit it, pass it as ``plan=``."""
+    """What ``apollo`` would do to `model`, without changing it: print it, edit it, pass it as ``plan=``.
+
+    stack: the container's module path when the model holds several stacks (a tuple grows several together;
+        ``"path[a:b]"`` picks the growable core).
+    example_inputs: one batch for ``torch.export``, for a model that neither traces symbolically nor provides
+        inputs (a Hugging Face model does); ``apollo`` without them plans at the first forward instead.
+
+    Returns a ``Plan``: ``print(plan)`` shows it, ``plan.declare(...)`` settles values growops could not decide,
+    ``growops.apollo(model, ..., plan=plan)`` applies it."""
     return make_plan(model, stack, example_inputs)
 
 

@@ -39,6 +39,8 @@ class AveragedExport(AveragedModel):
         super().__init__(a.export(), device, avg_fn, multi_avg_fn, use_buffers)
 
     def update_parameters(self, model: nn.Module) -> None:
+        """Average in the model `model` (the ``Apollo`` wrapper) computes now, ``model.export()``; call it after
+        each ``a.step()``."""
         from .apollo import Apollo
 
         if not isinstance(model, Apollo):

@@ -48,10 +48,12 @@ class ApolloConfig:
         return {**out, "stages": tuple(self.stages), "stage_steps": tuple(self.stage_steps)}
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (tuples as lists), as ``growops_config.json`` stores them."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ApolloConfig:
+        """The config `data` (``to_dict``'s form) describes; a GrowopsError naming fields this version lacks."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

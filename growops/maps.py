@@ -32,7 +32,8 @@ def check_growth(growth: str) -> str:
 
 @lru_cache(maxsize=4096)
 def depth_map(unique: int, depth: int, growth: str = "interpolate") -> tuple[int, ...]:
-    """Unique block run at each of `depth` positions (see the module docstring).
+    """Unique block run at each of `depth` positions: ``floor(i * unique / depth)`` for ``"interpolate"``; for
+    ``"stack"``, whole cycles of ``0..unique-1``, then a last partial cycle on the top blocks.
 
     >>> depth_map(3, 8)
     (0, 0, 0, 1, 1, 1, 2, 2)

@@ -44,8 +44,8 @@ MODES = ("container", "graph")
 class Plan:
     """Which stacks grow (their fixed blocks and growable units, per-layer values) and how the model runs them."""
 
-    stacks: tuple[BlockStack, ...]
-    mode: str
+    stacks: tuple[BlockStack, ...]  # the stacks grown together, outermost first
+    mode: str  # "container" (the container runs the positions) or "graph" (a rewritten graph does)
     probed: tuple = field(default=(), compare=False, repr=False)  # (id of the model, mode) the probe found
 
     @property
@@ -55,6 +55,7 @@ class Plan:
 
     @property
     def paths(self) -> tuple[str, ...]:
+        """The module paths of the stacks this plan grows, e.g. ``("transformer.h",)``."""
         return tuple(s.path for s in self.stacks)
 
     def __str__(self) -> str:

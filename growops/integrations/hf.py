@@ -40,7 +40,14 @@ STATE_KEY = "growops"  # the schedule's fingerprint in the Trainer's state (trai
 
 
 class ApolloCallback(TrainerCallback):
-    """Drives an apollo schedule from a Hugging Face Trainer (see the module docstring)."""
+    """Drives an apollo schedule from a Hugging Face Trainer:
+    ``Trainer(model=a.model, ..., callbacks=[ApolloCallback(a)])``.
+
+    After each optimizer step it calls ``a.step(optimizer)`` (once, even if added twice); it writes
+    ``growops_config.json`` into every ``checkpoint-N``, logs ``growops/stage``, ``growops/unique_layers`` and
+    ``growops/depth`` (ahead of the reporting callbacks, so TensorBoard and W&B get them), and when the Trainer loads
+    one of its checkpoints (resume, best model) weights and schedule move together to its step, checked first. Needs
+    ``resample="step"`` and a model whose forward iterates its block container (every Hugging Face model's does)."""
 
     def __init__(self, apollo: Apollo):
         if not isinstance(apollo, Apollo):
