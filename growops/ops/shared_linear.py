@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
@@ -92,7 +93,7 @@ def _backward(ctx, grad: Tensor):
     x, weight_lp, weight = ctx.saved_tensors
     need_x, need_w, _, need_b = ctx.needs_input_grad
     grad = grad.to(x.dtype)
-    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
+    g2, x2 = rearrange(grad, "... o -> (...) o"), rearrange(x, "... i -> (...) i")  # (N, out), (N, in)
     acc = _accumulate_dtype(x.dtype)
     if torch.is_grad_enabled():
         # backward(create_graph=True), e.g. a gradient penalty: differentiable ops, the same values.
