@@ -105,3 +105,55 @@ def test_state_dict_cost_benchmark_smoke():
     for kind in KINDS:
         first, median = measure(kind, layers=2, width=16, repeat=1)
         assert first > 0 and median > 0
+
+
+# Modules without a hand-written bug patch, and why (docs/testing.md, "Realistic bug patterns").
+UNPATCHED = {
+    "growops/integrations/__init__.py": "a docstring, no code",
+    "growops/fx/analysis.py": "being rewritten when the catalogue was written: patches to come",
+    "growops/fx/passes.py": "being rewritten when the catalogue was written: patches to come",
+}
+
+
+def test_bug_patch_catalogue_parses_and_covers_every_module():
+    """benchmarks/bug_patches: every header names a known pattern, the module its diff changes and test files that
+    exist; every module of growops/ has a patch or a reason it has none."""
+    from benchmarks.bug_patches import PATTERNS, catalogue, main
+
+    patches = catalogue()
+    assert len(patches) >= 40 and len({p.name for p in patches}) == len(patches)
+    for p in patches:
+        assert p.pattern in PATTERNS and (ROOT / p.module).is_file() and p.why, p.name
+        assert p.tests and all((ROOT / t.split("::")[0]).is_file() for t in p.tests), p.name
+    modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "growops").rglob("*.py")}
+    assert modules - {p.module for p in patches} == set(UNPATCHED), "give each new module a patch"
+    assert main(["--list", "growops/maps.py"]) == 0
+
+
+def test_bug_patch_runner_tells_killed_survived_and_stale(tmp_path):
+    """One real patch is killed, a harmless edit survives, a patch whose context is gone is stale; the repository is
+    left as it was."""
+    import difflib
+
+    from benchmarks.bug_patches import PATCHES, read_patch, run, table
+
+    maps = (ROOT / "growops" / "maps.py").read_text()
+
+    def patch(name: str, before: str, after: str) -> Path:
+        header = "# pattern: off-by-one\n# module: growops/maps.py\n# tests: tests/test_maps.py::test_doctests\n" \
+                 "# why: runner smoke test\n"
+        diff = difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                    "a/growops/maps.py", "b/growops/maps.py")
+        (tmp_path / f"{name}.patch").write_text(header + "".join(diff))
+        return tmp_path / f"{name}.patch"
+
+    line = next(x for x in maps.splitlines() if x.startswith("Growth = "))
+    harmless = patch("harmless", maps, maps.replace(line, f"{line}  # the growth rules", 1))
+    gone = patch("gone", maps.replace(line, f"{line}  # a line that is not there", 1), maps)
+    patches = [read_patch(PATCHES / "maps-stack-partial-cycle-from-the-bottom.patch"), read_patch(harmless),
+               read_patch(gone)]
+    rows = run(patches, timeout=300)
+    assert [r["outcome"] for r in rows] == ["killed", "survived", "stale"]
+    assert rows[0]["detail"].startswith("tests/test_maps.py::")
+    assert table(rows).startswith("1 of 3 killed; survived: 1, equivalent (explained): 0, stale: 1")
+    assert (ROOT / "growops" / "maps.py").read_text() == maps
