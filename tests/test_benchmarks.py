@@ -110,8 +110,6 @@ def test_state_dict_cost_benchmark_smoke():
 # Modules without a hand-written bug patch, and why (docs/testing.md, "Realistic bug patterns").
 UNPATCHED = {
     "growops/integrations/__init__.py": "a docstring, no code",
-    "growops/fx/analysis.py": "being rewritten when the catalogue was written: patches to come",
-    "growops/fx/passes.py": "being rewritten when the catalogue was written: patches to come",
 }
 
 
